@@ -1,0 +1,484 @@
+//! The proxy configuration. Every key is documented in `docs/configuration.md`; defaults here
+//! are what an edge node should run with when a key is left out.
+//!
+//! Sizes end in `_bytes_max`/`_bytes`, durations in `_ms`, counts in `_max`: the unit is always
+//! the last word of the name.
+
+use crate::cidr::Cidr;
+use ringway_proto::{HEADER_SLOTS, HeadLimits};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub workers: WorkersConfig,
+    pub listen: ListenConfig,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub upstream: UpstreamConfig,
+    pub headers: HeadersConfig,
+    pub routes: RoutesConfig,
+    pub access_log: AccessLogConfig,
+    pub admin: AdminConfig,
+}
+
+/// Which monoio driver the workers run on.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    /// io_uring, falling back to epoll (with a warning) where the kernel refuses io_uring.
+    #[default]
+    Auto,
+    /// io_uring or fail at start.
+    IoUring,
+    /// epoll (monoio's legacy driver), for comparison and old kernels.
+    Legacy,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Worker threads; 0 means one per core the process may run on.
+    pub count: usize,
+    /// Pin each worker to one core.
+    pub pin: bool,
+    /// Cores to pin workers to, in order (worker i gets `cores[i % len]`). Empty: all cores.
+    pub cores: Vec<usize>,
+    pub driver: DriverChoice,
+    /// io_uring submission queue entries per worker.
+    pub uring_entries: u32,
+    /// IORING_SETUP_COOP_TASKRUN: no interrupt to run completion work; much cheaper per op.
+    pub uring_coop_taskrun: bool,
+    /// IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN: completion work runs only when
+    /// the worker waits, batched.
+    pub uring_defer_taskrun: bool,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            pin: true,
+            cores: Vec::new(),
+            driver: DriverChoice::Auto,
+            uring_entries: 4096,
+            uring_coop_taskrun: true,
+            uring_defer_taskrun: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT). None: no listener.
+    pub http: Option<SocketAddr>,
+    /// listen(2) backlog of each worker's socket (capped by net.core.somaxconn).
+    pub backlog: u32,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            http: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            backlog: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest request line; over it the answer is 414.
+    pub request_line_bytes_max: usize,
+    /// Largest request head (and upstream response head); over it 431 (502 for a response).
+    pub header_bytes_max: usize,
+    /// Most header fields in a head; over it 431.
+    pub headers_count_max: usize,
+    /// Largest request body unless the route sets its own; over it 413.
+    pub body_bytes_max: u64,
+    /// Open client connections per worker; at the limit the worker stops accepting until one
+    /// closes (the kernel backlog holds the rest).
+    pub connections_per_worker_max: usize,
+    /// Requests served on one client connection before it is closed (0: no limit).
+    pub requests_per_connection_max: u64,
+    /// Size of each I/O buffer taken from a worker's buffer pool (head reads, body copies).
+    pub buffer_bytes: usize,
+    /// Buffers a worker keeps for reuse; more are freed when returned.
+    pub buffer_pool_max: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            request_line_bytes_max: 8 * 1024,
+            header_bytes_max: 32 * 1024,
+            headers_count_max: 100,
+            body_bytes_max: 100 * 1024 * 1024,
+            connections_per_worker_max: 65_536,
+            requests_per_connection_max: 0,
+            buffer_bytes: 16 * 1024,
+            buffer_pool_max: 1024,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn head_limits(&self) -> HeadLimits {
+        HeadLimits {
+            request_line_bytes_max: self.request_line_bytes_max,
+            header_bytes_max: self.header_bytes_max,
+            headers_count_max: self.headers_count_max,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// From the first byte of a request (or from accept, for the first request) to the end of
+    /// its head; over it 408 and close.
+    pub header_read_ms: u64,
+    /// How long an idle keep-alive client connection is kept.
+    pub keepalive_idle_ms: u64,
+    /// Longest wait for the next piece of a request body; over it the connection is closed.
+    pub body_read_ms: u64,
+    /// Longest wait for the client to take more response bytes; over it the connection closes.
+    pub client_write_ms: u64,
+    /// Upstream TCP connect; over it 504 (refused or unreachable: 502).
+    pub upstream_connect_ms: u64,
+    /// Longest wait for the next bytes from the upstream (head or body); over it 504 or abort.
+    pub upstream_read_ms: u64,
+    /// Longest wait for the upstream to take more request bytes; over it 504.
+    pub upstream_write_ms: u64,
+    /// An upgraded (WebSocket) tunnel with no traffic either way for this long is closed.
+    pub tunnel_idle_ms: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            header_read_ms: 10_000,
+            keepalive_idle_ms: 60_000,
+            body_read_ms: 30_000,
+            client_write_ms: 30_000,
+            upstream_connect_ms: 3_000,
+            upstream_read_ms: 60_000,
+            upstream_write_ms: 30_000,
+            tunnel_idle_ms: 300_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    pub fn d(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Idle keep-alive connections kept per upstream address, per worker.
+    pub idle_per_upstream_max: usize,
+    /// An idle upstream connection older than this is closed instead of reused.
+    pub idle_timeout_ms: u64,
+    /// Retry an idempotent request without a body once, on a new connection, when a reused
+    /// connection fails before any response byte.
+    pub retry_idempotent: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            idle_per_upstream_max: 128,
+            idle_timeout_ms: 30_000,
+            retry_idempotent: true,
+        }
+    }
+}
+
+/// A response header the proxy adds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityHeader {
+    pub name: String,
+    pub value: String,
+    /// Replace the header if the upstream set it (default: keep the app's value).
+    #[serde(default, rename = "override")]
+    pub override_app: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    /// Peers whose X-Forwarded-* and X-Request-ID headers are believed. Everyone else's are
+    /// replaced.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Add the request id to responses too (same header name).
+    pub request_id_in_response: bool,
+    /// Response headers added when the app did not set them (or always, with `override`).
+    pub security: Vec<SecurityHeader>,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        let h = |n: &str, v: &str| SecurityHeader {
+            name: n.to_string(),
+            value: v.to_string(),
+            override_app: false,
+        };
+        Self {
+            trusted_proxies: Vec::new(),
+            request_id_in_response: true,
+            security: vec![
+                h("X-Content-Type-Options", "nosniff"),
+                h("X-Frame-Options", "SAMEORIGIN"),
+                h("Referrer-Policy", "strict-origin-when-cross-origin"),
+            ],
+        }
+    }
+}
+
+/// Where routes come from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A TOML file, watched for changes (the embedded default).
+    #[default]
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesConfig {
+    pub store: StoreKind,
+    /// Route file for the file store; relative paths are relative to the config file.
+    pub file: PathBuf,
+    /// How often the file store checks the file for changes.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::File,
+            file: PathBuf::from("routes.toml"),
+            poll_interval_ms: 250,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// Write every request as a JSON line to `path`.
+    pub enabled: bool,
+    /// Relative paths are relative to the config file.
+    pub path: PathBuf,
+    /// Size of each worker's log ring. When a ring is full, records are dropped and counted.
+    pub ring_bytes: usize,
+    /// How often the control plane drains the rings.
+    pub drain_interval_ms: u64,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: PathBuf::from("access.log"),
+            ring_bytes: 4 * 1024 * 1024,
+            drain_interval_ms: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listener for /metrics and /healthz. None: no admin listener.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        }
+    }
+}
+
+/// A configuration that parses but cannot be run.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key} = {value} is out of range: {why}")]
+    OutOfRange {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("no listener configured: set listen.http")]
+    NoListener,
+    #[error("security header {0:?} is not a valid header")]
+    BadHeader(String),
+}
+
+fn range<T: PartialOrd + ToString>(
+    key: &'static str,
+    v: T,
+    lo: T,
+    hi: T,
+    why: &'static str,
+) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(ConfigError::OutOfRange {
+            key,
+            value: v.to_string(),
+            why,
+        });
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Checks what serde cannot: ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        range(
+            "limits.request_line_bytes_max",
+            l.request_line_bytes_max,
+            64,
+            1 << 20,
+            "64 B to 1 MiB",
+        )?;
+        range(
+            "limits.header_bytes_max",
+            l.header_bytes_max,
+            l.request_line_bytes_max,
+            1 << 20,
+            "at least the request line limit, at most 1 MiB",
+        )?;
+        range(
+            "limits.headers_count_max",
+            l.headers_count_max,
+            1,
+            HEADER_SLOTS,
+            "1 to 128",
+        )?;
+        range(
+            "limits.buffer_bytes",
+            l.buffer_bytes,
+            4096,
+            4 << 20,
+            "4 KiB to 4 MiB",
+        )?;
+        range(
+            "limits.connections_per_worker_max",
+            l.connections_per_worker_max,
+            1,
+            10_000_000,
+            "at least 1",
+        )?;
+        range(
+            "workers.uring_entries",
+            self.workers.uring_entries,
+            256,
+            32_768,
+            "256 to 32768",
+        )?;
+        range(
+            "access_log.ring_bytes",
+            self.access_log.ring_bytes,
+            64 * 1024,
+            1 << 30,
+            "64 KiB to 1 GiB",
+        )?;
+        let t = &self.timeouts;
+        for (key, v) in [
+            ("timeouts.header_read_ms", t.header_read_ms),
+            ("timeouts.keepalive_idle_ms", t.keepalive_idle_ms),
+            ("timeouts.body_read_ms", t.body_read_ms),
+            ("timeouts.client_write_ms", t.client_write_ms),
+            ("timeouts.upstream_connect_ms", t.upstream_connect_ms),
+            ("timeouts.upstream_read_ms", t.upstream_read_ms),
+            ("timeouts.upstream_write_ms", t.upstream_write_ms),
+            ("timeouts.tunnel_idle_ms", t.tunnel_idle_ms),
+        ] {
+            range(key, v, 1, 86_400_000, "1 ms to 1 day")?;
+        }
+        if self.listen.http.is_none() {
+            return Err(ConfigError::NoListener);
+        }
+        for h in &self.headers.security {
+            let name_ok = ringway_proto::token::is_token(h.name.as_bytes());
+            let value_ok = h
+                .value
+                .bytes()
+                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+            if !name_ok || !value_ok || ringway_proto::token::is_hop_by_hop(h.name.as_bytes()) {
+                return Err(ConfigError::BadHeader(h.name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn parses_partial_file_with_defaults() {
+        let c: Config = toml::from_str(
+            r#"
+            [workers]
+            count = 2
+            [limits]
+            body_bytes_max = 1024
+            [headers]
+            trusted_proxies = ["10.0.0.0/8", "::1"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.workers.count, 2);
+        assert_eq!(c.limits.body_bytes_max, 1024);
+        assert_eq!(c.limits.header_bytes_max, 32 * 1024);
+        assert_eq!(c.headers.trusted_proxies.len(), 2);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<Config>("[limits]\nheader_bytes = 1\n").is_err());
+        assert!(toml::from_str::<Config>("[headers]\ntrusted_proxies = [\"x\"]\n").is_err());
+        let mut c = Config::default();
+        c.limits.headers_count_max = 1000;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::OutOfRange {
+                key: "limits.headers_count_max",
+                ..
+            })
+        ));
+        let mut c = Config::default();
+        c.headers.security.push(SecurityHeader {
+            name: "Bad Name".into(),
+            value: "x".into(),
+            override_app: false,
+        });
+        assert!(c.validate().is_err());
+    }
+}
