@@ -53,6 +53,11 @@ impl Counter {
         let v = self.0.load(Ordering::Relaxed);
         self.0.store(v.wrapping_sub(n), Ordering::Relaxed);
     }
+    /// For gauges the owning worker recomputes.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)

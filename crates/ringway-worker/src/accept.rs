@@ -1,0 +1,96 @@
+//! Listener sockets and the accept loop.
+//!
+//! Every worker has its own listening socket on the same address (SO_REUSEPORT): the kernel
+//! spreads new connections over the workers, and no accept lock or shared queue exists in
+//! user space. Sockets are bound on the main thread before the workers start, so a bind error
+//! stops the process at once and port 0 resolves to one port shared by all workers.
+
+use crate::conn;
+use crate::worker::Worker;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Binds `count` SO_REUSEPORT listeners on `addr`. With port 0, the first socket picks the
+/// port and the others join it.
+pub fn bind_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let l = bind_one(addr, backlog)?;
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(s.into())
+}
+
+/// Accepts until shutdown, one task per connection. At `connections_per_worker_max` the loop
+/// pauses until a connection closes; the kernel backlog holds new arrivals meanwhile.
+pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        if w.shutdown.is_fired() {
+            break;
+        }
+        if w.active.get() >= w.settings.connections_max {
+            w.stats.accept_paused.inc();
+            monoio::select! {
+                _ = w.slot_freed.wait() => continue,
+                _ = w.shutdown.wait() => break,
+            }
+        }
+        let accepted = monoio::select! {
+            biased;
+            _ = w.shutdown.wait() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                w.active.set(w.active.get() + 1);
+                w.stats.connections_accepted.inc();
+                w.stats.connections_active.inc();
+                let w2 = w.clone();
+                monoio::spawn(async move {
+                    conn::serve(w2.clone(), stream, peer, Instant::now()).await;
+                    w2.active.set(w2.active.get() - 1);
+                    w2.stats.connections_active.sub(1);
+                    w2.slot_freed.notify();
+                });
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: back off instead of spinning on the same error, and
+                // say so at most once a second.
+                if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(worker = w.id, error = %e, "accept failed");
+                    last_error_log = Some(Instant::now());
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_is_shared() {
+        let ls = bind_listeners("127.0.0.1:0".parse().unwrap(), 3, 128).unwrap();
+        let ports: Vec<u16> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        assert_ne!(ports[0], 0);
+        assert!(ports.iter().all(|&p| p == ports[0]));
+    }
+}

@@ -1,0 +1,93 @@
+//! One client connection: waiting for requests, running exchanges one after the other
+//! (pipelined requests are answered in order because the next is only read after the previous
+//! response is written), and handing off to a tunnel after an upgrade.
+//!
+//! While idle a connection holds no buffer: it waits for readability (a poll, which owns no
+//! memory) and takes a buffer from the worker's pool only when bytes arrive. An idle keep-alive
+//! connection therefore costs its task and socket, not a 16 KiB read buffer.
+
+use crate::access;
+use crate::io::{RecvBuf, Timed};
+use crate::proxy::{self, Client, Next, Upgraded};
+use crate::stream;
+use crate::worker::Worker;
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Serves a freshly accepted connection until it closes.
+pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted: Instant) {
+    let _ = stream.set_nodelay(true);
+    let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
+    let mut c = Client {
+        io: Timed::new(stream),
+        peer,
+        trusted,
+        rb: RecvBuf::default(),
+    };
+    let max = w.settings.requests_per_connection_max;
+    let mut served = 0u64;
+    // The first request's head must arrive within the header timeout of the accept.
+    let mut deadline = accepted + w.settings.header_read;
+    let upgraded = loop {
+        if !c.rb.has_unread() {
+            if c.rb.buf.capacity() > 0 {
+                w.bufs.put(std::mem::take(&mut c.rb.buf));
+                c.rb = RecvBuf::default();
+            }
+            let wait = if served == 0 {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                w.settings.keepalive_idle
+            };
+            if !idle_wait(&w, &c.io.io, wait).await {
+                break None;
+            }
+        }
+        if served > 0 {
+            deadline = Instant::now() + w.settings.header_read;
+        }
+        served += 1;
+        let last = max != 0 && served >= max;
+        match Box::pin(proxy::exchange(&w, &mut c, deadline, last)).await {
+            Next::KeepAlive if !last && !w.shutdown.is_fired() => {}
+            Next::Upgrade(u) => break Some(u),
+            _ => break None,
+        }
+    };
+    let Client { io, rb, .. } = c;
+    if let Some(u) = upgraded {
+        let Upgraded { upstream, mut ex } = *u;
+        let bufs = (w.bufs.take(), w.bufs.take());
+        let (t, (a, b)) = Box::pin(stream::tunnel(
+            io.io,
+            upstream,
+            bufs,
+            w.settings.tunnel_idle,
+            w.settings.client_write,
+        ))
+        .await;
+        w.bufs.put(a);
+        w.bufs.put(b);
+        ex.bytes_in += t.client_to_upstream;
+        ex.bytes_out += t.upstream_to_client;
+        ex.finish(&w, &rb.buf);
+    }
+    if rb.buf.capacity() > 0 {
+        w.bufs.put(rb.buf);
+    }
+}
+
+/// Waits until the client sends something. False on timeout, shutdown or a socket error.
+async fn idle_wait(w: &Worker, s: &TcpStream, dur: Duration) -> bool {
+    if w.shutdown.is_fired() || dur.is_zero() {
+        return false;
+    }
+    monoio::select! {
+        biased;
+        r = s.readable(false) => r.is_ok(),
+        _ = w.shutdown.wait() => false,
+        _ = monoio::time::sleep(dur) => false,
+    }
+}

@@ -1,0 +1,250 @@
+//! Errors of one exchange: which side failed, how, and whether the request may be retried; and
+//! the small error pages the proxy answers with.
+
+use std::fmt;
+use std::io;
+
+/// Which side of the proxy an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+/// What went wrong.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No bytes within the configured time.
+    Timeout,
+    /// The peer closed the connection (EOF) where more was expected.
+    Closed,
+    /// The peer reset the connection or another socket error happened.
+    Io,
+    /// The peer broke HTTP framing.
+    Protocol,
+    /// TCP connect refused or unreachable.
+    ConnectRefused,
+    /// TCP connect did not finish in time.
+    ConnectTimeout,
+    /// The request body is larger than the route allows.
+    BodyTooLarge,
+}
+
+/// An exchange failure. Like pingora's errors, it says which side failed and whether sending
+/// the request again is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyError {
+    pub side: Side,
+    pub kind: ErrorKind,
+    /// Nothing of the request could have been processed by the upstream (it failed on a reused
+    /// connection before any response byte), so an idempotent request may be sent again.
+    pub retry_safe: bool,
+}
+
+impl ProxyError {
+    pub fn new(side: Side, kind: ErrorKind) -> Self {
+        Self {
+            side,
+            kind,
+            retry_safe: false,
+        }
+    }
+
+    pub fn client(kind: ErrorKind) -> Self {
+        Self::new(Side::Client, kind)
+    }
+
+    pub fn upstream(kind: ErrorKind) -> Self {
+        Self::new(Side::Upstream, kind)
+    }
+
+    pub fn retry_safe(mut self, yes: bool) -> Self {
+        self.retry_safe = yes;
+        self
+    }
+
+    /// Status for the client when nothing of the response has been sent yet.
+    pub fn status(&self) -> u16 {
+        match (self.side, self.kind) {
+            (_, ErrorKind::BodyTooLarge) => 413,
+            (Side::Client, ErrorKind::Timeout) => 408,
+            (Side::Client, _) => 400,
+            (Side::Upstream, ErrorKind::Timeout | ErrorKind::ConnectTimeout) => 504,
+            (Side::Upstream, _) => 502,
+            (Side::Proxy, _) => 500,
+        }
+    }
+
+    /// Short machine-readable reason for logs.
+    pub fn reason(&self) -> &'static str {
+        match (self.side, self.kind) {
+            (Side::Client, ErrorKind::Timeout) => "client_timeout",
+            (Side::Client, ErrorKind::Closed) => "client_closed",
+            (Side::Client, ErrorKind::Io) => "client_io",
+            (Side::Client, ErrorKind::Protocol) => "client_bad_framing",
+            (_, ErrorKind::BodyTooLarge) => "body_too_large",
+            (Side::Upstream, ErrorKind::Timeout) => "upstream_timeout",
+            (Side::Upstream, ErrorKind::Closed) => "upstream_closed",
+            (Side::Upstream, ErrorKind::Io) => "upstream_io",
+            (Side::Upstream, ErrorKind::Protocol) => "upstream_bad_response",
+            (Side::Upstream, ErrorKind::ConnectRefused) => "upstream_connect_failed",
+            (Side::Upstream, ErrorKind::ConnectTimeout) => "upstream_connect_timeout",
+            _ => "proxy_error",
+        }
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// How an I/O step failed.
+#[derive(Debug)]
+pub enum IoFail {
+    Timeout,
+    /// EOF where bytes were expected.
+    Closed,
+    Io(io::Error),
+}
+
+impl IoFail {
+    pub fn on(self, side: Side) -> ProxyError {
+        let kind = match self {
+            IoFail::Timeout => ErrorKind::Timeout,
+            IoFail::Closed => ErrorKind::Closed,
+            IoFail::Io(_) => ErrorKind::Io,
+        };
+        ProxyError::new(side, kind)
+    }
+}
+
+impl From<io::Error> for IoFail {
+    fn from(e: io::Error) -> Self {
+        IoFail::Io(e)
+    }
+}
+
+/// Reason phrase for the statuses the proxy itself sends.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        301 => "Moved Permanently",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        421 => "Misdirected Request",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    }
+}
+
+/// Writes a complete error response (head and body) into `out`: JSON when the client asked for
+/// it, a short HTML page otherwise. Both carry the request id so a user can quote it.
+pub fn write_error_page(
+    out: &mut Vec<u8>,
+    status: u16,
+    request_id: &[u8],
+    json: bool,
+    close: bool,
+    head_only: bool,
+) {
+    let reason = reason_phrase(status);
+    let mut body = Vec::with_capacity(256);
+    if json {
+        body.extend_from_slice(b"{\"status\":");
+        ringway_proto::write::push_u64(&mut body, u64::from(status));
+        body.extend_from_slice(b",\"error\":\"");
+        body.extend_from_slice(reason.as_bytes());
+        body.extend_from_slice(b"\",\"request_id\":\"");
+        body.extend_from_slice(request_id);
+        body.extend_from_slice(b"\"}\n");
+    } else {
+        body.extend_from_slice(b"<!doctype html><html><head><title>");
+        ringway_proto::write::push_u64(&mut body, u64::from(status));
+        body.push(b' ');
+        body.extend_from_slice(reason.as_bytes());
+        body.extend_from_slice(b"</title></head><body><h1>");
+        ringway_proto::write::push_u64(&mut body, u64::from(status));
+        body.push(b' ');
+        body.extend_from_slice(reason.as_bytes());
+        body.extend_from_slice(b"</h1><p>Request ID: <code>");
+        body.extend_from_slice(request_id);
+        body.extend_from_slice(b"</code></p></body></html>\n");
+    }
+    let mut w = ringway_proto::HeadWriter::new(out);
+    w.status_line(status, reason.as_bytes());
+    w.header(
+        b"Content-Type",
+        if json {
+            b"application/json"
+        } else {
+            b"text/html; charset=utf-8"
+        },
+    );
+    w.header_u64(b"Content-Length", body.len() as u64);
+    w.header(b"X-Request-ID", request_id);
+    w.header(b"Cache-Control", b"no-store");
+    if close {
+        w.header(b"Connection", b"close");
+    }
+    w.finish();
+    if !head_only {
+        out.extend_from_slice(&body);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(
+            ProxyError::upstream(ErrorKind::ConnectTimeout).status(),
+            504
+        );
+        assert_eq!(
+            ProxyError::upstream(ErrorKind::ConnectRefused).status(),
+            502
+        );
+        assert_eq!(ProxyError::upstream(ErrorKind::Timeout).status(), 504);
+        assert_eq!(ProxyError::client(ErrorKind::Timeout).status(), 408);
+        assert_eq!(ProxyError::client(ErrorKind::BodyTooLarge).status(), 413);
+    }
+
+    #[test]
+    fn pages_carry_request_id() {
+        let mut out = Vec::new();
+        write_error_page(&mut out, 502, b"rid-1", true, true, false);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(s.contains("Connection: close\r\n"));
+        assert!(s.ends_with("{\"status\":502,\"error\":\"Bad Gateway\",\"request_id\":\"rid-1\"}\n"));
+        let (head, body) = s.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        let mut out = Vec::new();
+        write_error_page(&mut out, 404, b"rid-2", false, false, false);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("<code>rid-2</code>"));
+        assert!(!s.contains("Connection: close"));
+    }
+}

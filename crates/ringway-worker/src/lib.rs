@@ -1,0 +1,30 @@
+//! Ringway's data plane.
+//!
+//! One worker per core: a pinned thread running its own monoio runtime on io_uring, with its own
+//! SO_REUSEPORT listener, upstream pools, buffers and counters. Workers share nothing mutable
+//! except the lock-free route table and atomics, never block, and never link the control
+//! plane's async runtime or database client.
+//!
+//! The path of a request, module by module: [`accept`] → [`conn`] → [`proxy`] (head, prepare
+//! with [`access`] and [`route`], forward through [`pool`], respond with [`headers`] and
+//! [`stream`]) → [`log`](worker::Worker::log) into the worker's ring. `docs/architecture.md`
+//! tells the same story with the limits that apply at each step.
+
+pub mod access;
+pub mod accept;
+pub mod conn;
+pub mod error;
+pub mod event;
+pub mod headers;
+pub mod io;
+pub mod pool;
+pub mod proxy;
+pub mod route;
+pub mod runtime;
+pub mod settings;
+pub mod stream;
+pub mod worker;
+
+pub use accept::bind_listeners;
+pub use runtime::{WorkerError, WorkerSpec, Workers, plan_cores, start};
+pub use settings::Settings;

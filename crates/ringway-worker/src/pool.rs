@@ -1,0 +1,222 @@
+//! Per-worker upstream connection pools, keyed by upstream address.
+//!
+//! Each worker keeps its own idle keep-alive connections: checkout and checkin touch no lock
+//! and no other core's memory. The most recently returned connection is reused first (it is
+//! the least likely to have been closed by the upstream), an idle cap bounds each address, and
+//! a sweep closes connections idle longer than the timeout.
+//!
+//! A pooled connection may have been closed by the upstream while idle. Before reuse, a
+//! non-blocking `MSG_PEEK` tells whether the peer sent EOF (or stray bytes, which also make the
+//! connection unusable). The race that remains (a close in flight while the request is sent) is
+//! covered by the retry of idempotent requests on a fresh connection.
+
+use foldhash::fast::RandomState;
+use monoio::net::TcpStream;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// Idle upstream connections of one worker.
+#[derive(Debug)]
+pub struct Pool {
+    idle: HashMap<SocketAddr, VecDeque<Idle>, RandomState>,
+    per_upstream_max: usize,
+    idle_timeout: Duration,
+    idle_total: usize,
+}
+
+/// What a checkout found.
+#[derive(Debug)]
+pub struct Checkout {
+    pub stream: Option<TcpStream>,
+    /// Pooled connections discarded because the upstream had closed them.
+    pub stale: u64,
+}
+
+impl Pool {
+    pub fn new(per_upstream_max: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: HashMap::with_hasher(RandomState::default()),
+            per_upstream_max,
+            idle_timeout,
+            idle_total: 0,
+        }
+    }
+
+    /// Takes a live idle connection to `addr`, if there is one.
+    pub fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Checkout {
+        let mut stale = 0;
+        let Some(q) = self.idle.get_mut(&addr) else {
+            return Checkout {
+                stream: None,
+                stale,
+            };
+        };
+        while let Some(c) = q.pop_back() {
+            self.idle_total -= 1;
+            if now.duration_since(c.since) >= self.idle_timeout {
+                continue;
+            }
+            if !is_alive(&c.stream) {
+                stale += 1;
+                continue;
+            }
+            return Checkout {
+                stream: Some(c.stream),
+                stale,
+            };
+        }
+        Checkout {
+            stream: None,
+            stale,
+        }
+    }
+
+    /// Returns a connection that finished an exchange cleanly. Past the idle cap the oldest
+    /// idle connection to that address is closed.
+    pub fn checkin(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
+        if self.per_upstream_max == 0 {
+            return;
+        }
+        let q = self.idle.entry(addr).or_default();
+        if q.len() >= self.per_upstream_max {
+            q.pop_front();
+            self.idle_total -= 1;
+        }
+        q.push_back(Idle { stream, since: now });
+        self.idle_total += 1;
+    }
+
+    /// Closes connections idle for longer than the timeout and forgets empty addresses.
+    pub fn sweep(&mut self, now: Instant) {
+        let timeout = self.idle_timeout;
+        let mut closed = 0;
+        self.idle.retain(|_, q| {
+            // Oldest first: stop at the first one still fresh.
+            while q
+                .front()
+                .is_some_and(|c| now.duration_since(c.since) >= timeout)
+            {
+                q.pop_front();
+                closed += 1;
+            }
+            !q.is_empty()
+        });
+        self.idle_total -= closed;
+    }
+
+    /// Idle connections held.
+    pub fn idle_count(&self) -> usize {
+        self.idle_total
+    }
+
+    /// Closes everything (shutdown).
+    pub fn clear(&mut self) {
+        self.idle.clear();
+        self.idle_total = 0;
+    }
+}
+
+/// Whether an idle connection can be reused: no EOF and no unexpected bytes from the upstream.
+pub fn is_alive(stream: &TcpStream) -> bool {
+    let fd = stream.as_raw_fd();
+    let mut byte = 0u8;
+    // SAFETY: `fd` is an open socket owned by `stream` for the duration of the call, and the
+    // buffer is one valid, writable byte on the stack. MSG_DONTWAIT makes the call non-blocking
+    // whatever the socket's mode, and MSG_PEEK leaves any data in the socket.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast::<libc::c_void>(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let err = std::io::Error::last_os_error();
+        return err.kind() == std::io::ErrorKind::WouldBlock;
+    }
+    // 0: EOF. >0: the upstream sent bytes nobody asked for; the connection is out of sync.
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn rt() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn detects_closed_and_dirty_connections() {
+        rt().block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut pool = Pool::new(4, Duration::from_secs(60));
+            let now = Instant::now();
+
+            let a = TcpStream::connect_addr(addr).await.unwrap();
+            let (a_srv, _) = listener.accept().unwrap();
+            let b = TcpStream::connect_addr(addr).await.unwrap();
+            let (mut b_srv, _) = listener.accept().unwrap();
+            let c = TcpStream::connect_addr(addr).await.unwrap();
+            let (_c_srv, _) = listener.accept().unwrap();
+
+            pool.checkin(addr, c, now);
+            pool.checkin(addr, b, now);
+            pool.checkin(addr, a, now);
+            assert_eq!(pool.idle_count(), 3);
+            drop(a_srv); // EOF on a
+            b_srv.write_all(b"junk").unwrap(); // stray bytes on b
+            monoio::time::sleep(Duration::from_millis(50)).await;
+
+            let got = pool.checkout(addr, Instant::now());
+            assert_eq!(got.stale, 2, "a (closed) and b (dirty) are discarded");
+            assert!(got.stream.is_some(), "c is alive");
+            assert_eq!(pool.idle_count(), 0);
+            assert!(pool.checkout(addr, Instant::now()).stream.is_none());
+        });
+    }
+
+    #[test]
+    fn caps_and_sweeps() {
+        rt().block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut pool = Pool::new(2, Duration::from_millis(100));
+            let t0 = Instant::now();
+            let mut keep = Vec::new();
+            for _ in 0..3 {
+                let s = TcpStream::connect_addr(addr).await.unwrap();
+                keep.push(listener.accept().unwrap());
+                pool.checkin(addr, s, t0);
+            }
+            assert_eq!(pool.idle_count(), 2, "capped per upstream");
+            pool.sweep(t0 + Duration::from_millis(50));
+            assert_eq!(pool.idle_count(), 2);
+            pool.sweep(t0 + Duration::from_millis(150));
+            assert_eq!(pool.idle_count(), 0);
+            // Expired at checkout time too.
+            let s = TcpStream::connect_addr(addr).await.unwrap();
+            keep.push(listener.accept().unwrap());
+            pool.checkin(addr, s, t0);
+            assert!(
+                pool.checkout(addr, t0 + Duration::from_millis(200))
+                    .stream
+                    .is_none()
+            );
+        });
+    }
+}

@@ -1,0 +1,856 @@
+//! One exchange: a request from the client and the response to it, phase by phase.
+//!
+//! 1. **head**: read until the end of the request head (header timeout, size limits).
+//! 2. **prepare**: parse strictly, identify the client and request id, route by host, check
+//!    the body limit, and write the upstream head. Nothing here waits.
+//! 3. **continue**: answer `Expect: 100-continue` once the request is known to be acceptable.
+//! 4. **forward**: take a pooled upstream connection (or connect), send the head and stream
+//!    the body. A failure on a reused connection before any response byte retries an
+//!    idempotent, bodyless request once on a fresh connection.
+//! 5. **response head**: read and validate it; relay interim 1xx; choose the client framing.
+//! 6. **respond**: write the rewritten head and stream the body (or switch to a tunnel on 101).
+//! 7. **finish**: return the upstream connection to the pool if it is clean, count, log.
+//!
+//! Any answer the proxy writes itself (an error) either follows a fully read request body or
+//! closes the connection, so the next bytes on the connection are never a body misread as a
+//! request.
+
+use crate::access::{self, REQUEST_ID_BYTES_MAX};
+use crate::error::{ErrorKind, IoFail, ProxyError, Side, write_error_page};
+use crate::headers::{self, ClientFraming, Forwarding, ResponseEdit};
+use crate::io::{RecvBuf, Timed};
+use crate::route::{self, HostName, Target};
+use crate::stream::{self, Decode, Encode, End};
+use crate::worker::Worker;
+use monoio::net::TcpStream;
+use ringway_core::LogEntry;
+use ringway_proto::head::HeadScanner;
+use ringway_proto::{
+    BodyFraming, ChunkedDecoder, HEADER_SLOTS, HeadError, Method, RequestMeta, ResponseFraming, Version,
+    parse_request, parse_response,
+};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Instant, SystemTime};
+
+/// A client connection as the exchange sees it.
+#[derive(Debug)]
+pub struct Client {
+    pub io: Timed<TcpStream>,
+    pub peer: SocketAddr,
+    /// The peer is a trusted proxy (its forwarding headers are believed).
+    pub trusted: bool,
+    /// Bytes received and not yet consumed; the current head stays at the front until the
+    /// exchange ends (the log record points into it).
+    pub rb: RecvBuf,
+}
+
+/// What the connection does after an exchange.
+#[derive(Debug)]
+pub enum Next {
+    KeepAlive,
+    Close,
+    /// The upstream switched protocols: relay bytes both ways.
+    Upgrade(Box<Upgraded>),
+}
+
+/// State handed to the connection for a tunnel, logged when the tunnel ends.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub upstream: TcpStream,
+    pub ex: Exchange,
+}
+
+type Span = (usize, usize);
+
+/// What the log record and error pages need, gathered as the exchange proceeds. Strings point
+/// into the client receive buffer (the request head) instead of being copied.
+#[derive(Debug)]
+pub struct Exchange {
+    start: Instant,
+    start_unix_us: u64,
+    rid: [u8; REQUEST_ID_BYTES_MAX],
+    rid_len: usize,
+    method: Span,
+    path: Span,
+    user_agent: Span,
+    host: HostName,
+    client_ip: IpAddr,
+    json: bool,
+    head_request: bool,
+    target: Option<Target>,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub reason: &'static str,
+}
+
+fn span_of(base: &[u8], part: &[u8]) -> Span {
+    let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+    if start <= base.len() && start + part.len() <= base.len() {
+        (start, part.len())
+    } else {
+        (0, 0)
+    }
+}
+
+fn slice(buf: &[u8], s: Span) -> &[u8] {
+    buf.get(s.0..s.0 + s.1).unwrap_or(b"")
+}
+
+impl Exchange {
+    fn new(w: &Worker, peer: IpAddr) -> Self {
+        let start_unix_us = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let mut rid = [0u8; REQUEST_ID_BYTES_MAX];
+        let gen_id = w.ids.borrow_mut().next_id();
+        rid[..gen_id.len()].copy_from_slice(&gen_id);
+        Self {
+            start: Instant::now(),
+            start_unix_us,
+            rid,
+            rid_len: gen_id.len(),
+            method: (0, 0),
+            path: (0, 0),
+            user_agent: (0, 0),
+            host: HostName::empty(),
+            client_ip: ringway_core::cidr::canonical(peer),
+            json: false,
+            head_request: false,
+            target: None,
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            reason: "",
+        }
+    }
+
+    pub fn request_id(&self) -> &[u8] {
+        &self.rid[..self.rid_len]
+    }
+
+    /// Counts the exchange and pushes its log record. `head` is the client receive buffer.
+    pub fn finish(&self, w: &Worker, head: &[u8]) {
+        let duration_us = self.start.elapsed().as_micros() as u64;
+        w.stats.record_request(self.status, duration_us);
+        w.stats.bytes_in.add(self.bytes_in);
+        w.stats.bytes_out.add(self.bytes_out);
+        w.log(&LogEntry {
+            time_unix_us: self.start_unix_us,
+            duration_us,
+            request_id: self.request_id(),
+            host: self.host.as_bytes(),
+            method: slice(head, self.method),
+            path: slice(head, self.path),
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            upstream: self.target.map(|t| t.upstream),
+            client_ip: self.client_ip,
+            user_agent: slice(head, self.user_agent),
+            route: self.target.map(|t| t.ids),
+            worker: w.id as u16,
+            reason: self.reason.as_bytes(),
+        });
+    }
+}
+
+/// Request facts that outlive the parse (plain values, no borrows).
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    method: Method,
+    version: Version,
+    meta: RequestMeta,
+}
+
+/// A request the proxy answers itself.
+#[derive(Debug, Clone, Copy)]
+struct Reject {
+    status: u16,
+    reason: &'static str,
+    /// The connection must close after the answer (the request body, if any, is unread or the
+    /// framing is not trustworthy).
+    close: bool,
+}
+
+/// Runs one exchange on `c`. `head_deadline` bounds the wait for the complete request head.
+/// `last` marks the connection's final request (the response says Connection: close).
+pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: bool) -> Next {
+    let mut ex = Exchange::new(w, c.peer.ip());
+    if c.rb.buf.capacity() == 0 {
+        c.rb = RecvBuf::new(w.bufs.take());
+    }
+
+    // Phase 1: head.
+    let head_len = match read_head(w, c, head_deadline, &mut ex).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return Next::Close,
+        Err(rej) => {
+            w.stats.client_errors.inc();
+            let mut out = w.bufs.take();
+            respond_error(w, c, &mut ex, &mut out, rej, false).await;
+            w.bufs.put(out);
+            ex.finish(w, &c.rb.buf);
+            return Next::Close;
+        }
+    };
+    ex.bytes_in = head_len as u64;
+
+    // Phase 2: prepare.
+    let mut out = w.bufs.take();
+    let prepared = prepare(w, c, head_len, &mut ex, &mut out);
+    let (req, target) = match prepared {
+        Ok(x) => x,
+        Err((rej, req)) => {
+            w.stats.client_errors.inc();
+            out.clear();
+            let head_only = req.is_some_and(|r| r.method == Method::Head);
+            let body = req.is_some_and(|r| r.meta.framing != BodyFraming::None);
+            let close = rej.close || body || last || req.is_none_or(|r| !r.meta.keep_alive);
+            respond_error(w, c, &mut ex, &mut out, Reject { close, ..rej }, head_only).await;
+            w.bufs.put(out);
+            c.rb.consume(head_len);
+            ex.finish(w, &c.rb.buf);
+            c.rb.compact();
+            return if close { Next::Close } else { Next::KeepAlive };
+        }
+    };
+    ex.target = Some(target);
+    c.rb.consume(head_len);
+    c.rb.window = head_len;
+    let has_body = req.meta.framing != BodyFraming::None;
+
+    // Phase 3: continue.
+    if req.meta.expect_continue && has_body && !c.rb.has_unread() {
+        let mut cont = w.bufs.take();
+        cont.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        let (r, b) = c.io.write_all(cont, w.settings.client_write).await;
+        w.bufs.put(b);
+        if r.is_err() {
+            return abort(w, c, &mut ex, out, "client_closed", 499);
+        }
+    }
+
+    // Phase 4 and 5: forward, then read the response head.
+    let retryable = w.settings.retry_idempotent && req.method.is_idempotent() && !has_body;
+    let mut ubuf = RecvBuf::new(w.bufs.take());
+    let mut fresh_only = false;
+    let mut body_sent = !has_body;
+    let outcome = loop {
+        let (stream, reused) = match upstream_conn(w, target.upstream, fresh_only).await {
+            Ok(x) => x,
+            Err(e) => break Err(e),
+        };
+        let mut up = Timed::new(stream);
+        let sent = if has_body {
+            let unread_before = c.rb.unread().len() as u64;
+            let decode = match req.meta.framing {
+                BodyFraming::Length(n) => Decode::Length(n),
+                _ => Decode::Chunked(ChunkedDecoder::new()),
+            };
+            let encode = match req.meta.framing {
+                BodyFraming::Chunked => Encode::Chunked,
+                _ => Encode::Raw,
+            };
+            let (r, n) = stream::pump(
+                End {
+                    io: &mut c.io,
+                    side: Side::Client,
+                    timeout: w.settings.body_read,
+                },
+                &mut c.rb,
+                End {
+                    io: &mut up,
+                    side: Side::Upstream,
+                    timeout: w.settings.upstream_write,
+                },
+                &mut out,
+                decode,
+                encode,
+                Some(target.body_bytes_max),
+                w.bufs.buffer_bytes(),
+            )
+            .await;
+            // Raw bytes of this request's body: what was buffered, plus what was read, minus
+            // what is left over for the next request.
+            ex.bytes_in += (unread_before + n.read).saturating_sub(c.rb.unread().len() as u64);
+            body_sent = r.is_ok();
+            r
+        } else {
+            // Keep the head in `out`: a retry sends it again.
+            let len = out.len();
+            let (r, b) = up.write_range(std::mem::take(&mut out), 0, len, w.settings.upstream_write).await;
+            out = b;
+            r.map_err(|e| e.on(Side::Upstream))
+        };
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.side == Side::Upstream && reused && retryable && !fresh_only => {
+                w.stats.upstream_retries.inc();
+                fresh_only = true;
+                continue;
+            }
+            Err(e) if e.side == Side::Upstream && has_body && e.kind != ErrorKind::BodyTooLarge => {
+                // The upstream stopped reading the body. It may have answered early (413, 401):
+                // relay that answer if it is already there.
+                match read_response_head(w, &mut up, &mut ubuf).await {
+                    Ok(()) => break Ok(up),
+                    Err(_) => break Err(e),
+                }
+            }
+            Err(e) => break Err(e),
+        }
+        match read_response_head(w, &mut up, &mut ubuf).await {
+            Ok(()) => break Ok(up),
+            Err(e) if e.retry_safe && reused && retryable && !fresh_only => {
+                w.stats.upstream_retries.inc();
+                fresh_only = true;
+                ubuf.buf.clear();
+                ubuf.pos = 0;
+                continue;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let mut up = match outcome {
+        Ok(up) => up,
+        Err(e) => {
+            w.bufs.put(ubuf.buf);
+            ex.reason = e.reason();
+            if e.side == Side::Client && matches!(e.kind, ErrorKind::Closed | ErrorKind::Io) {
+                // Nobody left to answer.
+                return abort(w, c, &mut ex, out, e.reason(), 499);
+            }
+            out.clear();
+            let rej = Reject {
+                status: e.status(),
+                reason: e.reason(),
+                close: !body_sent || last || !req.meta.keep_alive,
+            };
+            respond_error(w, c, &mut ex, &mut out, rej, req.method == Method::Head).await;
+            w.bufs.put(out);
+            ex.finish(w, &c.rb.buf);
+            c.rb.compact();
+            return if rej.close { Next::Close } else { Next::KeepAlive };
+        }
+    };
+    out.clear();
+
+    // Phase 5 (cont.): interim responses, then the final head.
+    let plan = loop {
+        let plan = match plan_response(w, &req, &ex, &ubuf, &mut out, last || !body_sent) {
+            Ok(p) => p,
+            Err(e) => {
+                w.bufs.put(ubuf.buf);
+                out.clear();
+                ex.reason = e.reason();
+                let rej = Reject {
+                    status: 502,
+                    reason: e.reason(),
+                    close: last || !req.meta.keep_alive || !body_sent,
+                };
+                respond_error(w, c, &mut ex, &mut out, rej, req.method == Method::Head).await;
+                w.bufs.put(out);
+                ex.finish(w, &c.rb.buf);
+                c.rb.compact();
+                return if rej.close { Next::Close } else { Next::KeepAlive };
+            }
+        };
+        if !plan.interim {
+            break plan;
+        }
+        ubuf.consume(plan.head_len);
+        ubuf.compact();
+        if !out.is_empty() {
+            let (r, b) = c.io.write_all(std::mem::take(&mut out), w.settings.client_write).await;
+            out = b;
+            ex.bytes_out += out.len() as u64;
+            out.clear();
+            if r.is_err() {
+                w.bufs.put(ubuf.buf);
+                return abort(w, c, &mut ex, out, "client_closed", 499);
+            }
+        }
+        if let Err(e) = read_response_head(w, &mut up, &mut ubuf).await {
+            w.bufs.put(ubuf.buf);
+            return abort(w, c, &mut ex, out, e.reason(), e.status());
+        }
+    };
+    ex.status = plan.status;
+    ubuf.consume(plan.head_len);
+
+    // Phase 6: respond.
+    if plan.upgrade {
+        // Bytes that arrived after the 101 head belong to the new protocol.
+        out.extend_from_slice(ubuf.unread());
+        ubuf.consume(ubuf.unread().len());
+        let (r, b) = c.io.write_all(std::mem::take(&mut out), w.settings.client_write).await;
+        ex.bytes_out += b.len() as u64;
+        w.bufs.put(b);
+        w.bufs.put(ubuf.buf);
+        if r.is_err() {
+            ex.reason = "client_closed";
+            ex.finish(w, &c.rb.buf);
+            return Next::Close;
+        }
+        // And bytes the client sent after its request head go to the upstream.
+        if c.rb.has_unread() {
+            let start = c.rb.pos;
+            let end = c.rb.buf.len();
+            let (r, b) = up
+                .write_range(std::mem::take(&mut c.rb.buf), start, end, w.settings.upstream_write)
+                .await;
+            c.rb.buf = b;
+            c.rb.consume(end - start);
+            if r.is_err() {
+                ex.reason = "upstream_closed";
+                ex.finish(w, &c.rb.buf);
+                return Next::Close;
+            }
+        }
+        w.stats.tunnels.inc();
+        return Next::Upgrade(Box::new(Upgraded {
+            upstream: up.io,
+            ex,
+        }));
+    }
+
+    let mut upstream_clean = plan.upstream_reusable && body_sent;
+    let mut client_open = !plan.client_close;
+    match plan.body {
+        None => {
+            let (r, b) = c.io.write_all(std::mem::take(&mut out), w.settings.client_write).await;
+            ex.bytes_out += b.len() as u64;
+            out = b;
+            if r.is_err() {
+                ex.reason = "client_closed";
+                client_open = false;
+            }
+        }
+        Some((decode, encode)) => {
+            let (r, n) = stream::pump(
+                End {
+                    io: &mut up,
+                    side: Side::Upstream,
+                    timeout: w.settings.upstream_read,
+                },
+                &mut ubuf,
+                End {
+                    io: &mut c.io,
+                    side: Side::Client,
+                    timeout: w.settings.client_write,
+                },
+                &mut out,
+                decode,
+                encode,
+                None,
+                w.bufs.buffer_bytes(),
+            )
+            .await;
+            ex.bytes_out += n.written;
+            if let Err(e) = r {
+                // Part of the response may be out: the client learns of the failure by the
+                // connection closing before the framing says the body ends.
+                ex.reason = e.reason();
+                upstream_clean = false;
+                client_open = false;
+            }
+        }
+    }
+
+    // Phase 7: finish.
+    if upstream_clean && !ubuf.has_unread() {
+        w.pool.borrow_mut().checkin(target.upstream, up.io, Instant::now());
+    }
+    w.bufs.put(ubuf.buf);
+    w.bufs.put(out);
+    ex.finish(w, &c.rb.buf);
+    c.rb.compact();
+    if client_open { Next::KeepAlive } else { Next::Close }
+}
+
+/// Ends an exchange without an answer (the client is gone or the response is cut off).
+fn abort(w: &Worker, c: &mut Client, ex: &mut Exchange, out: Vec<u8>, reason: &'static str, status: u16) -> Next {
+    w.bufs.put(out);
+    if ex.status == 0 {
+        ex.status = status;
+    }
+    ex.reason = reason;
+    ex.finish(w, &c.rb.buf);
+    Next::Close
+}
+
+/// Phase 1. `Ok(None)`: the client closed (or went quiet) before sending a request.
+async fn read_head(w: &Worker, c: &mut Client, deadline: Instant, ex: &mut Exchange) -> Result<Option<usize>, Reject> {
+    let mut scanner = HeadScanner::new();
+    loop {
+        match scanner.scan(&c.rb.buf, &w.settings.head) {
+            Ok(Some(n)) => return Ok(Some(n)),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Reject {
+                    status: e.status(),
+                    reason: head_reason(e),
+                    close: true,
+                });
+            }
+        }
+        let now = Instant::now();
+        let Some(left) = deadline.checked_duration_since(now).filter(|d| !d.is_zero()) else {
+            return if c.rb.buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(Reject {
+                    status: 408,
+                    reason: "header_timeout",
+                    close: true,
+                })
+            };
+        };
+        let min_free = 1024.min(w.settings.head.header_bytes_max);
+        match c.io.fill(&mut c.rb, min_free, left).await {
+            Ok(_) => {}
+            Err(IoFail::Timeout) if !c.rb.buf.is_empty() => {
+                return Err(Reject {
+                    status: 408,
+                    reason: "header_timeout",
+                    close: true,
+                });
+            }
+            Err(_) => {
+                if !c.rb.buf.is_empty() {
+                    // A partial head and then EOF: nothing to answer, but it was a request.
+                    ex.status = 400;
+                    ex.reason = "client_closed";
+                    ex.bytes_in = c.rb.buf.len() as u64;
+                    ex.finish(w, &c.rb.buf);
+                }
+                return Ok(None);
+            }
+        }
+    }
+}
+
+fn head_reason(e: HeadError) -> &'static str {
+    match e {
+        HeadError::RequestLineTooLong => "request_line_too_long",
+        HeadError::HeadTooLarge | HeadError::TooManyHeaders => "header_too_large",
+        HeadError::BareLineBreak | HeadError::Nul => "bad_line_break",
+        HeadError::Version => "bad_version",
+        HeadError::MissingHost | HeadError::DuplicateHost | HeadError::InvalidHost => "bad_host",
+        HeadError::InvalidContentLength
+        | HeadError::DuplicateContentLength
+        | HeadError::LengthWithTransferEncoding
+        | HeadError::ChunkedNotLast
+        | HeadError::UnsupportedCoding
+        | HeadError::TransferEncodingInHttp10 => "bad_framing",
+        _ => "bad_request",
+    }
+}
+
+/// Phase 2: everything about the request that needs no waiting. On success `out` holds the
+/// upstream head.
+fn prepare(
+    w: &Worker,
+    c: &Client,
+    head_len: usize,
+    ex: &mut Exchange,
+    out: &mut Vec<u8>,
+) -> Result<(Req, Target), (Reject, Option<Req>)> {
+    let s = &w.settings;
+    let buf = &c.rb.buf[..head_len];
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let r = parse_request(buf, &s.head, &mut slots).map_err(|e| {
+        (
+            Reject {
+                status: e.status(),
+                reason: head_reason(e),
+                close: true,
+            },
+            None,
+        )
+    })?;
+    let req = Req {
+        method: r.method,
+        version: r.version,
+        meta: r.meta,
+    };
+    ex.method = span_of(buf, r.method_raw);
+    ex.path = span_of(buf, r.path());
+    ex.head_request = r.method == Method::Head;
+    if let Some(ua) = r.header("user-agent") {
+        ex.user_agent = span_of(buf, ua);
+    }
+    ex.json = r
+        .header("accept")
+        .is_some_and(|a| memchr::memmem::find(a, b"application/json").is_some());
+
+    // Access phase: who is asking, under which request id.
+    let xff = r
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .map(|h| h.value);
+    ex.client_ip = access::client_ip(c.peer.ip(), c.trusted, &s.trusted_proxies, xff);
+    if c.trusted
+        && let Some(id) = r.header("x-request-id")
+        && access::valid_request_id(id)
+    {
+        ex.rid[..id.len()].copy_from_slice(id);
+        ex.rid_len = id.len();
+    }
+
+    // Route phase.
+    let host = match r.authority() {
+        Some(a) => HostName::parse(a).ok_or((
+            Reject {
+                status: 400,
+                reason: "bad_host",
+                close: true,
+            },
+            Some(req),
+        ))?,
+        None => HostName::empty(),
+    };
+    ex.host = host;
+    let Some(target) = route::resolve(&w.routes, &host, w.next_pick(), s.body_bytes_max) else {
+        return Err((
+            Reject {
+                status: 404,
+                reason: "no_route",
+                close: false,
+            },
+            Some(req),
+        ));
+    };
+    ex.target = Some(target);
+    if let BodyFraming::Length(n) = req.meta.framing
+        && n > target.body_bytes_max
+    {
+        return Err((
+            Reject {
+                status: 413,
+                reason: "body_too_large",
+                close: true,
+            },
+            Some(req),
+        ));
+    }
+    // Upgrades carry no body; one that claims one is forwarded as a plain request.
+    let upgrade = req.meta.upgrade && req.meta.framing == BodyFraming::None;
+    headers::write_upstream_request(
+        out,
+        buf,
+        &r,
+        &Forwarding {
+            peer_ip: c.peer.ip(),
+            trusted: c.trusted,
+            proto: b"http",
+            request_id: ex.request_id(),
+            upgrade,
+            strip_expect: true,
+            upstream: target.upstream,
+        },
+    );
+    let mut req = req;
+    req.meta.upgrade = upgrade;
+    Ok((req, target))
+}
+
+/// Phase 4: a pooled connection to `addr`, or a new one. Returns whether it was reused.
+async fn upstream_conn(w: &Worker, addr: SocketAddr, fresh_only: bool) -> Result<(TcpStream, bool), ProxyError> {
+    if !fresh_only {
+        let got = w.pool.borrow_mut().checkout(addr, Instant::now());
+        w.stats.upstream_stale.add(got.stale);
+        if let Some(s) = got.stream {
+            w.stats.upstream_reuses.inc();
+            return Ok((s, true));
+        }
+    }
+    w.stats.upstream_connects.inc();
+    match monoio::time::timeout(w.settings.upstream_connect, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok((s, false))
+        }
+        Ok(Err(_)) => {
+            w.stats.upstream_connect_errors.inc();
+            Err(ProxyError::upstream(ErrorKind::ConnectRefused))
+        }
+        Err(_) => {
+            w.stats.upstream_connect_errors.inc();
+            Err(ProxyError::upstream(ErrorKind::ConnectTimeout))
+        }
+    }
+}
+
+/// Phase 5: reads until `ubuf` holds a complete response head (at its front). Failures before
+/// any byte are marked retry-safe.
+async fn read_response_head(w: &Worker, up: &mut Timed<TcpStream>, ubuf: &mut RecvBuf) -> Result<(), ProxyError> {
+    let mut scanner = HeadScanner::new();
+    loop {
+        match scanner.scan(&ubuf.buf, &w.settings.head) {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(_) => return Err(ProxyError::upstream(ErrorKind::Protocol)),
+        }
+        let nothing_yet = ubuf.buf.is_empty();
+        match up.fill(ubuf, 1024, w.settings.upstream_read).await {
+            Ok(_) => {}
+            Err(IoFail::Timeout) => return Err(ProxyError::upstream(ErrorKind::Timeout)),
+            Err(IoFail::Closed) if !nothing_yet => return Err(ProxyError::upstream(ErrorKind::Protocol)),
+            Err(e) => return Err(e.on(Side::Upstream).retry_safe(nothing_yet)),
+        }
+    }
+}
+
+/// How to deliver the response.
+#[derive(Debug)]
+struct Plan {
+    status: u16,
+    head_len: usize,
+    /// A 1xx other than 101: relay it (if `out` is not empty) and read the next head.
+    interim: bool,
+    upgrade: bool,
+    /// Source decoding and client encoding of the body; None: no body.
+    body: Option<(Decode, Encode)>,
+    client_close: bool,
+    upstream_reusable: bool,
+}
+
+/// Phase 5 (cont.): parses the response head at the front of `ubuf` and writes the client head
+/// into `out`.
+fn plan_response(w: &Worker, req: &Req, ex: &Exchange, ubuf: &RecvBuf, out: &mut Vec<u8>, force_close: bool) -> Result<Plan, ProxyError> {
+    let s = &w.settings;
+    let head_end = HeadScanner::new()
+        .scan(&ubuf.buf, &s.head)
+        .ok()
+        .flatten()
+        .ok_or(ProxyError::upstream(ErrorKind::Protocol))?;
+    let head = &ubuf.buf[..head_end];
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let resp = parse_response(head, req.method, &s.head, &mut slots).map_err(|_| ProxyError::upstream(ErrorKind::Protocol))?;
+    let m = resp.meta;
+    let client_10 = req.version == Version::Http10;
+
+    if (100..200).contains(&m.status) && m.status != 101 {
+        // 100 is dropped: the proxy answered Expect itself. Others (102, 103) are relayed to
+        // HTTP/1.1 clients.
+        if m.status != 100 && !client_10 {
+            let mut hw = ringway_proto::HeadWriter::new(out);
+            hw.status_line(m.status, resp.reason);
+            hw.copy_headers(head, resp.headers, |h| {
+                !ringway_proto::token::is_hop_by_hop(h.name.as_bytes()) && !resp.is_connection_option(h.name.as_bytes())
+            });
+            hw.finish();
+        }
+        return Ok(Plan {
+            status: m.status,
+            head_len: head_end,
+            interim: true,
+            upgrade: false,
+            body: None,
+            client_close: false,
+            upstream_reusable: false,
+        });
+    }
+
+    let shutting_down = w.shutdown.is_fired();
+    let mut close = force_close || !req.meta.keep_alive || shutting_down;
+    if m.status == 101 {
+        if !(req.meta.upgrade && m.upgrade) {
+            return Err(ProxyError::upstream(ErrorKind::Protocol));
+        }
+        headers::write_client_response(
+            out,
+            head,
+            &resp,
+            &ResponseEdit {
+                framing: ClientFraming::None {
+                    keep_length: false,
+                    zero_length: false,
+                },
+                close: false,
+                keep_alive_10: false,
+                upgrade: true,
+                request_id: s.request_id_in_response.then(|| ex.request_id()),
+                security: &[],
+            },
+        );
+        return Ok(Plan {
+            status: 101,
+            head_len: head_end,
+            interim: false,
+            upgrade: true,
+            body: None,
+            client_close: true,
+            upstream_reusable: false,
+        });
+    }
+
+    let (framing, body) = match m.framing {
+        ResponseFraming::None => {
+            let passthrough = req.method == Method::Head || m.status == 304;
+            let bodyless_status = m.status == 204 || m.status < 200;
+            (
+                ClientFraming::None {
+                    keep_length: passthrough,
+                    zero_length: !passthrough && !bodyless_status,
+                },
+                None,
+            )
+        }
+        ResponseFraming::Length(n) => (ClientFraming::Length(n), Some((Decode::Length(n), Encode::Raw))),
+        ResponseFraming::Chunked | ResponseFraming::Close => {
+            let decode = if m.framing == ResponseFraming::Chunked {
+                Decode::Chunked(ChunkedDecoder::new())
+            } else {
+                Decode::Close
+            };
+            if client_10 {
+                close = true;
+                (ClientFraming::Close, Some((decode, Encode::Raw)))
+            } else {
+                (ClientFraming::Chunked, Some((decode, Encode::Chunked)))
+            }
+        }
+    };
+    headers::write_client_response(
+        out,
+        head,
+        &resp,
+        &ResponseEdit {
+            framing,
+            close,
+            keep_alive_10: client_10 && !close,
+            upgrade: false,
+            request_id: s.request_id_in_response.then(|| ex.request_id()),
+            security: &s.security_headers,
+        },
+    );
+    Ok(Plan {
+        status: m.status,
+        head_len: head_end,
+        interim: false,
+        upgrade: false,
+        body,
+        client_close: close,
+        upstream_reusable: m.keep_alive,
+    })
+}
+
+/// Writes an error page the proxy generates itself.
+async fn respond_error(w: &Worker, c: &mut Client, ex: &mut Exchange, out: &mut Vec<u8>, rej: Reject, head_only: bool) {
+    ex.status = rej.status;
+    if ex.reason.is_empty() {
+        ex.reason = rej.reason;
+    }
+    write_error_page(out, rej.status, ex.request_id(), ex.json, rej.close, head_only);
+    let (r, b) = c.io.write_all(std::mem::take(out), w.settings.client_write).await;
+    *out = b;
+    if r.is_ok() {
+        ex.bytes_out += out.len() as u64;
+    }
+    out.clear();
+}

@@ -1,0 +1,80 @@
+//! Settings a worker reads on the request path, derived once from the config so that the hot
+//! path finds durations, limits and pre-rendered headers ready to use.
+
+use ringway_core::Cidr;
+use ringway_core::config::Config;
+use ringway_proto::HeadLimits;
+use std::time::Duration;
+
+/// A response header to add, pre-rendered.
+#[derive(Debug, Clone)]
+pub struct AddedHeader {
+    pub name: Box<[u8]>,
+    pub value: Box<[u8]>,
+    pub override_app: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub head: HeadLimits,
+    pub body_bytes_max: u64,
+    pub connections_max: usize,
+    pub requests_per_connection_max: u64,
+    pub buffer_bytes: usize,
+    pub buffer_pool_max: usize,
+
+    pub header_read: Duration,
+    pub keepalive_idle: Duration,
+    pub body_read: Duration,
+    pub client_write: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_read: Duration,
+    pub upstream_write: Duration,
+    pub tunnel_idle: Duration,
+
+    pub idle_per_upstream_max: usize,
+    pub upstream_idle_timeout: Duration,
+    pub retry_idempotent: bool,
+
+    pub trusted_proxies: Vec<Cidr>,
+    pub request_id_in_response: bool,
+    pub security_headers: Vec<AddedHeader>,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        let ms = Duration::from_millis;
+        let t = &c.timeouts;
+        Self {
+            head: c.limits.head_limits(),
+            body_bytes_max: c.limits.body_bytes_max,
+            connections_max: c.limits.connections_per_worker_max,
+            requests_per_connection_max: c.limits.requests_per_connection_max,
+            buffer_bytes: c.limits.buffer_bytes,
+            buffer_pool_max: c.limits.buffer_pool_max,
+            header_read: ms(t.header_read_ms),
+            keepalive_idle: ms(t.keepalive_idle_ms),
+            body_read: ms(t.body_read_ms),
+            client_write: ms(t.client_write_ms),
+            upstream_connect: ms(t.upstream_connect_ms),
+            upstream_read: ms(t.upstream_read_ms),
+            upstream_write: ms(t.upstream_write_ms),
+            tunnel_idle: ms(t.tunnel_idle_ms),
+            idle_per_upstream_max: c.upstream.idle_per_upstream_max,
+            upstream_idle_timeout: ms(c.upstream.idle_timeout_ms),
+            retry_idempotent: c.upstream.retry_idempotent,
+            trusted_proxies: c.headers.trusted_proxies.clone(),
+            request_id_in_response: c.headers.request_id_in_response,
+            security_headers: c
+                .headers
+                .security
+                .iter()
+                .map(|h| AddedHeader {
+                    name: h.name.as_bytes().into(),
+                    value: h.value.as_bytes().into(),
+                    override_app: h.override_app,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The state one worker shares among its connections: settings, pools, counters, the log ring
+//! producer. It lives in an `Rc` on the worker's thread; nothing here is touched by another
+//! thread except through the atomics in `stats` and the route table.
+
+use crate::access::RequestIdGen;
+use crate::event::{LocalEvent, LocalSignal};
+use crate::io::BufPool;
+use crate::pool::Pool;
+use crate::settings::Settings;
+use ringway_core::{LogEntry, LogProducer, RouteTable, WorkerStats};
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Worker {
+    pub id: usize,
+    pub settings: Settings,
+    pub routes: Arc<RouteTable>,
+    pub stats: Arc<WorkerStats>,
+    pub log: RefCell<Option<LogProducer>>,
+    pub pool: RefCell<Pool>,
+    pub bufs: BufPool,
+    pub ids: RefCell<RequestIdGen>,
+    /// Round-robin position for routes with several upstreams.
+    pub rr: Cell<u64>,
+    /// Fired once when the process shuts down.
+    pub shutdown: LocalEvent,
+    /// Signalled when a connection closes, for an accept loop paused at the connection cap.
+    pub slot_freed: LocalSignal,
+    pub active: Cell<usize>,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        settings: Settings,
+        routes: Arc<RouteTable>,
+        stats: Arc<WorkerStats>,
+        log: Option<LogProducer>,
+    ) -> Self {
+        let pool = Pool::new(settings.idle_per_upstream_max, settings.upstream_idle_timeout);
+        let bufs = BufPool::new(settings.buffer_bytes, settings.buffer_pool_max);
+        Self {
+            id,
+            settings,
+            routes,
+            stats,
+            log: RefCell::new(log),
+            pool: RefCell::new(pool),
+            bufs,
+            ids: RefCell::new(RequestIdGen::new(id)),
+            rr: Cell::new(id as u64),
+            shutdown: LocalEvent::default(),
+            slot_freed: LocalSignal::default(),
+            active: Cell::new(0),
+        }
+    }
+
+    /// Pushes a request record into this worker's ring (if logging is on); never blocks.
+    pub fn log(&self, entry: &LogEntry<'_>) {
+        if let Some(p) = self.log.borrow_mut().as_mut() {
+            if p.push(entry) {
+                self.stats.log_records.inc();
+            } else {
+                self.stats.log_drops.inc();
+            }
+        }
+    }
+
+    pub fn next_pick(&self) -> u64 {
+        let v = self.rr.get().wrapping_add(1);
+        self.rr.set(v);
+        v
+    }
+}

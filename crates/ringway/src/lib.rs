@@ -1,0 +1,196 @@
+//! Wiring: config, routes, listeners, the control plane and the workers, started in that order
+//! and stopped in reverse. The binary (`main.rs`) is a thin CLI over [`start`]; the end-to-end
+//! tests use [`start`] directly to run a proxy inside the test process.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, bail};
+use ringway_control::{ControlHandle, ControlParams};
+use ringway_core::config::Config;
+use ringway_core::{Driver, RouteTable, Shutdown, WorkerStats, log_ring};
+use ringway_worker::{Settings, WorkerSpec, Workers};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Reads and validates a config file. Relative paths inside it are relative to its folder.
+pub fn load_config(path: &Path) -> anyhow::Result<(Config, PathBuf)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let config: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("validating config {}", path.display()))?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((config, base))
+}
+
+/// `p` if absolute, else `base/p`.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+/// Start-up choices that are not config.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Install SIGTERM/SIGINT handlers (the binary does; in-process tests do not).
+    pub handle_signals: bool,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub routes: Arc<RouteTable>,
+    pub worker_stats: Vec<Arc<WorkerStats>>,
+    pub drivers: Vec<Driver>,
+    pub shutdown: Arc<Shutdown>,
+    workers: Option<Workers>,
+    control: Option<ControlHandle>,
+}
+
+impl Running {
+    /// Asks every worker to stop accepting and finish in-flight requests.
+    pub fn request_shutdown(&self) {
+        self.shutdown.request();
+    }
+
+    /// Waits for the workers to finish (after a shutdown request), then flushes the logs.
+    pub fn wait(mut self) {
+        if let Some(w) = self.workers.take() {
+            w.join();
+        }
+        if let Some(c) = self.control.take() {
+            c.stop();
+        }
+    }
+
+    /// Requests shutdown and waits for it.
+    pub fn stop(self) {
+        self.request_shutdown();
+        self.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.workers.is_some() || self.control.is_some() {
+            self.shutdown.request();
+            if let Some(w) = self.workers.take() {
+                w.join();
+            }
+            if let Some(c) = self.control.take() {
+                c.stop();
+            }
+        }
+    }
+}
+
+/// Starts the proxy. `base` resolves relative paths of the config (its folder).
+pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Running> {
+    config.validate()?;
+    let routes_path = resolve(base, &config.routes.file);
+    let initial = ringway_control::file_store::load_routes_file(&routes_path)
+        .with_context(|| "loading routes (the file store is the route source)")?;
+    let routes = Arc::new(RouteTable::new());
+    routes.apply(&initial);
+
+    let cores = ringway_worker::plan_cores(&config.workers);
+    let n = cores.len();
+    let Some(http) = config.listen.http else {
+        bail!("no listener configured: set listen.http");
+    };
+    let listeners = ringway_worker::bind_listeners(http, n, config.listen.backlog)
+        .with_context(|| format!("binding {http}"))?;
+    let http_addr = listeners[0].local_addr()?;
+    let admin = match config.admin.listen {
+        Some(a) => Some(std::net::TcpListener::bind(a).with_context(|| format!("binding admin listener {a}"))?),
+        None => None,
+    };
+    let admin_addr = match &admin {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+
+    let worker_stats: Vec<Arc<WorkerStats>> = (0..n).map(|_| Arc::new(WorkerStats::new())).collect();
+    let (producers, consumers): (Vec<_>, Vec<_>) = if config.access_log.enabled {
+        (0..n)
+            .map(|_| {
+                let (p, c) = log_ring(config.access_log.ring_bytes);
+                (Some(p), c)
+            })
+            .unzip()
+    } else {
+        ((0..n).map(|_| None).collect(), Vec::new())
+    };
+    let shutdown = Arc::new(Shutdown::new());
+
+    let control = ringway_control::start(ControlParams {
+        routes_path,
+        routes_poll: Duration::from_millis(config.routes.poll_interval_ms),
+        access_log: config
+            .access_log
+            .enabled
+            .then(|| resolve(base, &config.access_log.path)),
+        drain_interval: Duration::from_millis(config.access_log.drain_interval_ms),
+        routes: routes.clone(),
+        rings: consumers,
+        worker_stats: worker_stats.clone(),
+        shutdown: shutdown.clone(),
+        admin,
+        handle_signals: opts.handle_signals,
+    })?;
+
+    let settings = Settings::from_config(&config);
+    let specs: Vec<WorkerSpec> = listeners
+        .into_iter()
+        .zip(producers)
+        .enumerate()
+        .map(|(id, (listener, log))| WorkerSpec {
+            id,
+            core: cores[id],
+            listener,
+            settings: settings.clone(),
+            routes: routes.clone(),
+            stats: worker_stats[id].clone(),
+            log,
+            shutdown: shutdown.clone(),
+            shutdown_grace: Duration::from_millis(config.timeouts.shutdown_grace_ms),
+            driver: config.workers.driver,
+            uring_entries: config.workers.uring_entries,
+            uring_coop_taskrun: config.workers.uring_coop_taskrun,
+            uring_defer_taskrun: config.workers.uring_defer_taskrun,
+        })
+        .collect();
+    let workers = match ringway_worker::start(specs) {
+        Ok(w) => w,
+        Err(e) => {
+            shutdown.request();
+            control.stop();
+            return Err(e.into());
+        }
+    };
+    let drivers = workers.drivers.clone();
+    let uring = drivers.iter().filter(|d| **d == Driver::IoUring).count();
+    if uring == n {
+        tracing::info!(%http_addr, workers = n, driver = "io_uring", "ringway listening");
+    } else {
+        tracing::warn!(%http_addr, workers = n, io_uring = uring, legacy = n - uring, "ringway listening; some workers run on the epoll driver");
+    }
+    if let Some(a) = admin_addr {
+        tracing::info!(admin = %a, "admin listener: /metrics /healthz /readyz");
+    }
+    Ok(Running {
+        http_addr,
+        admin_addr,
+        routes,
+        worker_stats,
+        drivers,
+        shutdown,
+        workers: Some(workers),
+        control: Some(control),
+    })
+}
