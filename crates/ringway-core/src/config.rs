@@ -145,6 +145,11 @@ pub struct TimeoutsConfig {
     pub header_read_ms: u64,
     /// How long an idle keep-alive client connection is kept.
     pub keepalive_idle_ms: u64,
+    /// After a response (or accept), wait this long for the next request with a read buffer
+    /// already posted (one operation per request on busy connections); after that the
+    /// connection gives its buffer back and waits for readability with no memory held.
+    /// 0: always wait without a buffer.
+    pub hot_read_ms: u64,
     /// Longest wait for the next piece of a request body; over it the connection is closed.
     pub body_read_ms: u64,
     /// Longest wait for the client to take more response bytes; over it the connection closes.
@@ -166,6 +171,7 @@ impl Default for TimeoutsConfig {
         Self {
             header_read_ms: 10_000,
             keepalive_idle_ms: 60_000,
+            hot_read_ms: 50,
             body_read_ms: 30_000,
             client_write_ms: 30_000,
             upstream_connect_ms: 3_000,
@@ -188,8 +194,13 @@ impl TimeoutsConfig {
 pub struct UpstreamConfig {
     /// Idle keep-alive connections kept per upstream address, per worker.
     pub idle_per_upstream_max: usize,
-    /// An idle upstream connection older than this is closed instead of reused.
+    /// An idle upstream connection older than this is closed instead of reused. Keep it below
+    /// the apps' own keep-alive timeout (Node.js: 5 s) so the proxy, not the app, closes first.
     pub idle_timeout_ms: u64,
+    /// A pooled connection idle for at least this long is checked for a close by the upstream
+    /// (one non-blocking peek) before reuse; younger ones are reused directly, and a failure
+    /// on them is covered by the retry of idempotent requests.
+    pub stale_check_idle_ms: u64,
     /// Retry an idempotent request without a body once, on a new connection, when a reused
     /// connection fails before any response byte.
     pub retry_idempotent: bool,
@@ -199,7 +210,8 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             idle_per_upstream_max: 128,
-            idle_timeout_ms: 30_000,
+            idle_timeout_ms: 4_000,
+            stale_check_idle_ms: 100,
             retry_idempotent: true,
         }
     }

@@ -32,16 +32,12 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted:
     let mut deadline = accepted + w.settings.header_read;
     let upgraded = loop {
         if !c.rb.has_unread() {
-            if c.rb.buf.capacity() > 0 {
-                w.bufs.put(std::mem::take(&mut c.rb.buf));
-                c.rb = RecvBuf::default();
-            }
             let wait = if served == 0 {
                 deadline.saturating_duration_since(Instant::now())
             } else {
                 w.settings.keepalive_idle
             };
-            if !idle_wait(&w, &c.io.io, wait).await {
+            if let Wait::Done = wait_for_request(&w, &mut c, wait).await {
                 break None;
             }
         }
@@ -76,6 +72,41 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted:
     }
     if rb.buf.capacity() > 0 {
         w.bufs.put(rb.buf);
+    }
+}
+
+enum Wait {
+    /// Bytes are in the receive buffer.
+    Data,
+    /// The socket is readable; nothing read yet.
+    Readable,
+    /// Timeout, shutdown, EOF or error: close the connection.
+    Done,
+}
+
+/// Waits for the next request. A connection that was just busy reads with a posted buffer for
+/// up to `hot_read` (one operation per request under load); then it returns the buffer to the
+/// pool and waits for readability, holding no memory while idle.
+async fn wait_for_request(w: &Worker, c: &mut Client, wait: Duration) -> Wait {
+    let hot = w.settings.hot_read.min(wait);
+    if !hot.is_zero() && !w.shutdown.is_fired() {
+        if c.rb.buf.capacity() == 0 {
+            c.rb = RecvBuf::new(w.bufs.take());
+        }
+        match c.io.fill(&mut c.rb, 1024, hot).await {
+            Ok(_) => return Wait::Data,
+            Err(crate::error::IoFail::Timeout) => {}
+            Err(_) => return Wait::Done,
+        }
+    }
+    if c.rb.buf.capacity() > 0 {
+        w.bufs.put(std::mem::take(&mut c.rb.buf));
+        c.rb = RecvBuf::default();
+    }
+    if idle_wait(w, &c.io.io, wait.saturating_sub(hot)).await {
+        Wait::Readable
+    } else {
+        Wait::Done
     }
 }
 

@@ -5,10 +5,13 @@
 //! the least likely to have been closed by the upstream), an idle cap bounds each address, and
 //! a sweep closes connections idle longer than the timeout.
 //!
-//! A pooled connection may have been closed by the upstream while idle. Before reuse, a
-//! non-blocking `MSG_PEEK` tells whether the peer sent EOF (or stray bytes, which also make the
-//! connection unusable). The race that remains (a close in flight while the request is sent) is
-//! covered by the retry of idempotent requests on a fresh connection.
+//! A pooled connection may have been closed by the upstream while idle. Before reusing one that
+//! has been idle for `stale_check_idle` or more, a non-blocking `MSG_PEEK` tells whether the
+//! peer sent EOF (or stray bytes, which also make the connection unusable). Connections
+//! returned moments ago skip the check: upstreams close idle connections after their own
+//! keep-alive timeout, seconds later, and the check is a syscall on every request of a busy
+//! pool. The race that remains (a close in flight while the request is sent) is covered by the
+//! retry of idempotent requests on a fresh connection.
 
 use foldhash::fast::RandomState;
 use monoio::net::TcpStream;
@@ -29,6 +32,7 @@ pub struct Pool {
     idle: HashMap<SocketAddr, VecDeque<Idle>, RandomState>,
     per_upstream_max: usize,
     idle_timeout: Duration,
+    stale_check_idle: Duration,
     idle_total: usize,
 }
 
@@ -41,11 +45,12 @@ pub struct Checkout {
 }
 
 impl Pool {
-    pub fn new(per_upstream_max: usize, idle_timeout: Duration) -> Self {
+    pub fn new(per_upstream_max: usize, idle_timeout: Duration, stale_check_idle: Duration) -> Self {
         Self {
             idle: HashMap::with_hasher(RandomState::default()),
             per_upstream_max,
             idle_timeout,
+            stale_check_idle,
             idle_total: 0,
         }
     }
@@ -61,10 +66,11 @@ impl Pool {
         };
         while let Some(c) = q.pop_back() {
             self.idle_total -= 1;
-            if now.duration_since(c.since) >= self.idle_timeout {
+            let idle = now.duration_since(c.since);
+            if idle >= self.idle_timeout {
                 continue;
             }
-            if !is_alive(&c.stream) {
+            if idle >= self.stale_check_idle && !is_alive(&c.stream) {
                 stale += 1;
                 continue;
             }
@@ -164,7 +170,7 @@ mod tests {
         rt().block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut pool = Pool::new(4, Duration::from_secs(60));
+            let mut pool = Pool::new(4, Duration::from_secs(60), Duration::ZERO);
             let now = Instant::now();
 
             let a = TcpStream::connect_addr(addr).await.unwrap();
@@ -195,7 +201,7 @@ mod tests {
         rt().block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut pool = Pool::new(2, Duration::from_millis(100));
+            let mut pool = Pool::new(2, Duration::from_millis(100), Duration::ZERO);
             let t0 = Instant::now();
             let mut keep = Vec::new();
             for _ in 0..3 {

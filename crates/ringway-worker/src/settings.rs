@@ -25,6 +25,7 @@ pub struct Settings {
 
     pub header_read: Duration,
     pub keepalive_idle: Duration,
+    pub hot_read: Duration,
     pub body_read: Duration,
     pub client_write: Duration,
     pub upstream_connect: Duration,
@@ -34,6 +35,7 @@ pub struct Settings {
 
     pub idle_per_upstream_max: usize,
     pub upstream_idle_timeout: Duration,
+    pub stale_check_idle: Duration,
     pub retry_idempotent: bool,
 
     pub trusted_proxies: Vec<Cidr>,
@@ -54,6 +56,7 @@ impl Settings {
             buffer_pool_max: c.limits.buffer_pool_max,
             header_read: ms(t.header_read_ms),
             keepalive_idle: ms(t.keepalive_idle_ms),
+            hot_read: ms(t.hot_read_ms),
             body_read: ms(t.body_read_ms),
             client_write: ms(t.client_write_ms),
             upstream_connect: ms(t.upstream_connect_ms),
@@ -62,6 +65,7 @@ impl Settings {
             tunnel_idle: ms(t.tunnel_idle_ms),
             idle_per_upstream_max: c.upstream.idle_per_upstream_max,
             upstream_idle_timeout: ms(c.upstream.idle_timeout_ms),
+            stale_check_idle: ms(c.upstream.stale_check_idle_ms),
             retry_idempotent: c.upstream.retry_idempotent,
             trusted_proxies: c.headers.trusted_proxies.clone(),
             request_id_in_response: c.headers.request_id_in_response,

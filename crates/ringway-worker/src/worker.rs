@@ -38,7 +38,11 @@ impl Worker {
         stats: Arc<WorkerStats>,
         log: Option<LogProducer>,
     ) -> Self {
-        let pool = Pool::new(settings.idle_per_upstream_max, settings.upstream_idle_timeout);
+        let pool = Pool::new(
+            settings.idle_per_upstream_max,
+            settings.upstream_idle_timeout,
+            settings.stale_check_idle,
+        );
         let bufs = BufPool::new(settings.buffer_bytes, settings.buffer_pool_max);
         Self {
             id,
