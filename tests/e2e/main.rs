@@ -1,1 +1,12 @@
-//! End-to-end tests (placeholder replaced below).
+//! End-to-end tests: a real proxy (in this process, or the `ringway` binary) between real
+//! sockets, against upstreams started by the tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod basics;
+mod bodies;
+mod process;
+mod reload;
+mod smuggling;
+mod support;
+mod upstream;
+mod websocket;

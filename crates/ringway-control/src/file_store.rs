@@ -18,8 +18,8 @@
 //! the routes in force stay until a valid file appears.
 
 use crate::store::{RouteStore, StoreError, StoreEvent};
-use ringway_core::route::{Route, normalize_pattern};
 use ringway_core::RouteSet;
+use ringway_core::route::{Route, normalize_pattern};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -74,7 +74,10 @@ pub fn parse_upstream(s: &str) -> Option<SocketAddr> {
 pub fn parse_routes(text: &str) -> Result<RouteSet, String> {
     let file: RoutesFile = toml::from_str(text).map_err(|e| e.to_string())?;
     if file.routes.len() > ROUTES_MAX {
-        return Err(format!("{} routes; at most {ROUTES_MAX}", file.routes.len()));
+        return Err(format!(
+            "{} routes; at most {ROUTES_MAX}",
+            file.routes.len()
+        ));
     }
     let mut by_name: HashMap<String, Arc<Route>> = HashMap::with_capacity(file.routes.len());
     let mut set = RouteSet::default();
@@ -87,12 +90,18 @@ pub fn parse_routes(text: &str) -> Result<RouteSet, String> {
             return Err(format!("{}: no upstreams", at()));
         }
         if e.upstreams.len() > UPSTREAMS_PER_ROUTE_MAX {
-            return Err(format!("{}: more than {UPSTREAMS_PER_ROUTE_MAX} upstreams", at()));
+            return Err(format!(
+                "{}: more than {UPSTREAMS_PER_ROUTE_MAX} upstreams",
+                at()
+            ));
         }
         let mut ups = Vec::with_capacity(e.upstreams.len());
         for u in &e.upstreams {
             ups.push(parse_upstream(u).ok_or_else(|| {
-                format!("{}: upstream {u:?} is not IP:port (names are not resolved)", at())
+                format!(
+                    "{}: upstream {u:?} is not IP:port (names are not resolved)",
+                    at()
+                )
             })?);
         }
         let route = Arc::new(Route {
@@ -264,7 +273,10 @@ mod tests {
     #[test]
     fn rejects_bad_files_with_clear_messages() {
         let cases = [
-            ("[[route]]\nname = \"a\"\nhosts = [\"a.com\"]\nupstreams = []\n", "no upstreams"),
+            (
+                "[[route]]\nname = \"a\"\nhosts = [\"a.com\"]\nupstreams = []\n",
+                "no upstreams",
+            ),
             (
                 "[[route]]\nname = \"a\"\nhosts = [\"a.com\"]\nupstreams = [\"example.org:80\"]\n",
                 "not IP:port",
@@ -278,7 +290,10 @@ mod tests {
                 "invalid host pattern",
             ),
             ("default = \"x\"\n", "not defined"),
-            ("[[route]]\nname = \"a\"\nupstream = [\"1.1.1.1:1\"]\n", "unknown field"),
+            (
+                "[[route]]\nname = \"a\"\nupstream = [\"1.1.1.1:1\"]\n",
+                "unknown field",
+            ),
             ("this is not toml", "expected"),
         ];
         for (text, want) in cases {
@@ -296,7 +311,9 @@ mod tests {
         assert!(matches!(store.next().await, Ok(StoreEvent::Full(s)) if s.hosts.len() == 2));
 
         std::fs::write(&path, "broken [").unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), store.next()).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), store.next())
+            .await
+            .unwrap();
         assert!(matches!(r, Err(StoreError::Invalid { .. })), "{r:?}");
 
         let tmp = dir.path().join("routes.toml.new");
@@ -306,7 +323,9 @@ mod tests {
         )
         .unwrap();
         std::fs::rename(&tmp, &path).unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), store.next()).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), store.next())
+            .await
+            .unwrap();
         assert!(matches!(r, Ok(StoreEvent::Full(s)) if s.hosts.contains_key("b.com")));
     }
 }

@@ -136,20 +136,32 @@ fn unix_now() -> u64 {
 }
 
 /// Applies store events to the table until the runtime stops.
-async fn follow_store(mut store: impl RouteStore, routes: Arc<RouteTable>, stats: Arc<ControlStats>) {
+async fn follow_store(
+    mut store: impl RouteStore,
+    routes: Arc<RouteTable>,
+    stats: Arc<ControlStats>,
+) {
     loop {
         match store.next().await {
             Ok(ev) => {
                 match ev {
                     StoreEvent::Full(set) => {
                         routes.apply(&set);
-                        tracing::info!(store = store.kind(), hosts = set.hosts.len(), default = set.default.is_some(), version = routes.version(), "routes loaded");
+                        tracing::info!(
+                            store = store.kind(),
+                            hosts = set.hosts.len(),
+                            default = set.default.is_some(),
+                            version = routes.version(),
+                            "routes loaded"
+                        );
                     }
                     StoreEvent::Upsert(pattern, route) => routes.upsert(&pattern, route),
                     StoreEvent::Remove(pattern) => routes.remove(&pattern),
                 }
                 ControlStats::inc(&stats.route_loads_ok);
-                stats.route_last_load_unix.store(unix_now(), Ordering::Relaxed);
+                stats
+                    .route_last_load_unix
+                    .store(unix_now(), Ordering::Relaxed);
             }
             Err(e) => {
                 ControlStats::inc(&stats.route_loads_failed);
@@ -188,7 +200,10 @@ async fn run(
         let shutdown = p.shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
@@ -229,7 +244,11 @@ async fn run(
     }
 }
 
-fn drain_once<W: Write>(rings: &mut [LogConsumer], sink: Option<&mut W>, stats: &ControlStats) -> u64 {
+fn drain_once<W: Write>(
+    rings: &mut [LogConsumer],
+    sink: Option<&mut W>,
+    stats: &ControlStats,
+) -> u64 {
     let Some(sink) = sink else {
         // Logging off: rings are not created, nothing to do.
         return 0;

@@ -28,7 +28,14 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn per_worker(out: &mut String, snaps: &[StatsSnapshot], name: &str, kind: &str, help: &str, f: impl Fn(&StatsSnapshot) -> u64) {
+fn per_worker(
+    out: &mut String,
+    snaps: &[StatsSnapshot],
+    name: &str,
+    kind: &str,
+    help: &str,
+    f: impl Fn(&StatsSnapshot) -> u64,
+) {
     family(out, name, kind, help);
     for (i, s) in snaps.iter().enumerate() {
         let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", f(s));
@@ -40,64 +47,253 @@ pub fn render(workers: &[Arc<WorkerStats>], routes: &RouteTable, control: &Contr
     let snaps: Vec<StatsSnapshot> = workers.iter().map(|w| w.snapshot()).collect();
     let mut out = String::with_capacity(8192);
 
-    family(&mut out, "ringway_worker_driver", "gauge", "I/O driver each worker runs on (1 for the driver in use).");
+    family(
+        &mut out,
+        "ringway_worker_driver",
+        "gauge",
+        "I/O driver each worker runs on (1 for the driver in use).",
+    );
     for (i, s) in snaps.iter().enumerate() {
-        let _ = writeln!(out, "ringway_worker_driver{{worker=\"{i}\",driver=\"{}\"}} 1", s.driver.name());
+        let _ = writeln!(
+            out,
+            "ringway_worker_driver{{worker=\"{i}\",driver=\"{}\"}} 1",
+            s.driver.name()
+        );
     }
 
-    family(&mut out, "ringway_requests_total", "counter", "Requests answered, by status code.");
+    family(
+        &mut out,
+        "ringway_requests_total",
+        "counter",
+        "Requests answered, by status code.",
+    );
     for (i, s) in snaps.iter().enumerate() {
         for (code, n) in &s.status {
-            let _ = writeln!(out, "ringway_requests_total{{worker=\"{i}\",status=\"{code}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "ringway_requests_total{{worker=\"{i}\",status=\"{code}\"}} {n}"
+            );
         }
         if s.status_other > 0 {
-            let _ = writeln!(out, "ringway_requests_total{{worker=\"{i}\",status=\"other\"}} {}", s.status_other);
+            let _ = writeln!(
+                out,
+                "ringway_requests_total{{worker=\"{i}\",status=\"other\"}} {}",
+                s.status_other
+            );
         }
     }
 
     let name = "ringway_request_duration_seconds";
-    family(&mut out, name, "histogram", "Time from the first byte of a request to the end of its response.");
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Time from the first byte of a request to the end of its response.",
+    );
     for (i, s) in snaps.iter().enumerate() {
         let mut cum = 0u64;
         for (b, le) in LATENCY_BUCKETS_US.iter().enumerate() {
             cum += s.latency_buckets.get(b).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{worker=\"{i}\",le=\"{}\"}} {cum}", *le as f64 / 1e6);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{worker=\"{i}\",le=\"{}\"}} {cum}",
+                *le as f64 / 1e6
+            );
         }
         cum += s.latency_buckets.last().copied().unwrap_or(0);
         let _ = writeln!(out, "{name}_bucket{{worker=\"{i}\",le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum{{worker=\"{i}\"}} {}", s.latency_sum_us as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum{{worker=\"{i}\"}} {}",
+            s.latency_sum_us as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count{{worker=\"{i}\"}} {}", s.requests);
     }
 
-    per_worker(&mut out, &snaps, "ringway_connections_active", "gauge", "Open client connections.", |s| s.connections_active);
-    per_worker(&mut out, &snaps, "ringway_connections_accepted_total", "counter", "Client connections accepted.", |s| s.connections_accepted);
-    per_worker(&mut out, &snaps, "ringway_accept_paused_total", "counter", "Times a worker stopped accepting at its connection limit.", |s| s.accept_paused);
-    per_worker(&mut out, &snaps, "ringway_client_errors_total", "counter", "Requests refused before reaching an upstream (malformed, too large, timed out, no route).", |s| s.client_errors);
-    per_worker(&mut out, &snaps, "ringway_received_bytes_total", "counter", "Bytes received from clients.", |s| s.bytes_in);
-    per_worker(&mut out, &snaps, "ringway_sent_bytes_total", "counter", "Bytes sent to clients.", |s| s.bytes_out);
-    per_worker(&mut out, &snaps, "ringway_upstream_connects_total", "counter", "New upstream connections opened.", |s| s.upstream_connects);
-    per_worker(&mut out, &snaps, "ringway_upstream_reuses_total", "counter", "Requests sent on a pooled upstream connection.", |s| s.upstream_reuses);
-    per_worker(&mut out, &snaps, "ringway_upstream_connect_errors_total", "counter", "Upstream connects refused or timed out.", |s| s.upstream_connect_errors);
-    per_worker(&mut out, &snaps, "ringway_upstream_retries_total", "counter", "Idempotent requests retried on a fresh connection.", |s| s.upstream_retries);
-    per_worker(&mut out, &snaps, "ringway_upstream_stale_total", "counter", "Pooled connections found closed by the upstream before reuse.", |s| s.upstream_stale);
-    per_worker(&mut out, &snaps, "ringway_upstream_idle_connections", "gauge", "Idle pooled upstream connections.", |s| s.upstream_idle);
-    per_worker(&mut out, &snaps, "ringway_tunnels_total", "counter", "Upgraded (WebSocket) tunnels opened.", |s| s.tunnels);
-    per_worker(&mut out, &snaps, "ringway_log_records_total", "counter", "Request log records pushed into the log ring.", |s| s.log_records);
-    per_worker(&mut out, &snaps, "ringway_log_dropped_total", "counter", "Request log records dropped because the ring was full.", |s| s.log_drops);
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_connections_active",
+        "gauge",
+        "Open client connections.",
+        |s| s.connections_active,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_connections_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        |s| s.connections_accepted,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_accept_paused_total",
+        "counter",
+        "Times a worker stopped accepting at its connection limit.",
+        |s| s.accept_paused,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_client_errors_total",
+        "counter",
+        "Requests refused before reaching an upstream (malformed, too large, timed out, no route).",
+        |s| s.client_errors,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_received_bytes_total",
+        "counter",
+        "Bytes received from clients.",
+        |s| s.bytes_in,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_sent_bytes_total",
+        "counter",
+        "Bytes sent to clients.",
+        |s| s.bytes_out,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_connects_total",
+        "counter",
+        "New upstream connections opened.",
+        |s| s.upstream_connects,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_reuses_total",
+        "counter",
+        "Requests sent on a pooled upstream connection.",
+        |s| s.upstream_reuses,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_connect_errors_total",
+        "counter",
+        "Upstream connects refused or timed out.",
+        |s| s.upstream_connect_errors,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_retries_total",
+        "counter",
+        "Idempotent requests retried on a fresh connection.",
+        |s| s.upstream_retries,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_stale_total",
+        "counter",
+        "Pooled connections found closed by the upstream before reuse.",
+        |s| s.upstream_stale,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_idle_connections",
+        "gauge",
+        "Idle pooled upstream connections.",
+        |s| s.upstream_idle,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_tunnels_total",
+        "counter",
+        "Upgraded (WebSocket) tunnels opened.",
+        |s| s.tunnels,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_log_records_total",
+        "counter",
+        "Request log records pushed into the log ring.",
+        |s| s.log_records,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_log_dropped_total",
+        "counter",
+        "Request log records dropped because the ring was full.",
+        |s| s.log_drops,
+    );
 
-    family(&mut out, "ringway_routes", "gauge", "Host patterns in the route table.");
+    family(
+        &mut out,
+        "ringway_routes",
+        "gauge",
+        "Host patterns in the route table.",
+    );
     let _ = writeln!(out, "ringway_routes {}", routes.len());
-    family(&mut out, "ringway_routes_version", "counter", "Changes applied to the route table.");
+    family(
+        &mut out,
+        "ringway_routes_version",
+        "counter",
+        "Changes applied to the route table.",
+    );
     let _ = writeln!(out, "ringway_routes_version {}", routes.version());
-    family(&mut out, "ringway_route_loads_total", "counter", "Route store loads, by result.");
-    let _ = writeln!(out, "ringway_route_loads_total{{result=\"ok\"}} {}", control.route_loads_ok.load(Ordering::Relaxed));
-    let _ = writeln!(out, "ringway_route_loads_total{{result=\"error\"}} {}", control.route_loads_failed.load(Ordering::Relaxed));
-    family(&mut out, "ringway_route_last_load_timestamp_seconds", "gauge", "When routes were last loaded successfully.");
-    let _ = writeln!(out, "ringway_route_last_load_timestamp_seconds {}", control.route_last_load_unix.load(Ordering::Relaxed));
-    family(&mut out, "ringway_access_log_lines_total", "counter", "Lines written to the access log.");
-    let _ = writeln!(out, "ringway_access_log_lines_total {}", control.access_log_lines.load(Ordering::Relaxed));
-    family(&mut out, "ringway_access_log_errors_total", "counter", "Access log write errors.");
-    let _ = writeln!(out, "ringway_access_log_errors_total {}", control.access_log_errors.load(Ordering::Relaxed));
+    family(
+        &mut out,
+        "ringway_route_loads_total",
+        "counter",
+        "Route store loads, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_route_loads_total{{result=\"ok\"}} {}",
+        control.route_loads_ok.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "ringway_route_loads_total{{result=\"error\"}} {}",
+        control.route_loads_failed.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "ringway_route_last_load_timestamp_seconds",
+        "gauge",
+        "When routes were last loaded successfully.",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_route_last_load_timestamp_seconds {}",
+        control.route_last_load_unix.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "ringway_access_log_lines_total",
+        "counter",
+        "Lines written to the access log.",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_access_log_lines_total {}",
+        control.access_log_lines.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "ringway_access_log_errors_total",
+        "counter",
+        "Access log write errors.",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_access_log_errors_total {}",
+        control.access_log_errors.load(Ordering::Relaxed)
+    );
     out
 }
 
@@ -114,8 +310,12 @@ mod tests {
         let text = render(&[w], &RouteTable::new(), &ControlStats::default());
         assert!(text.contains("ringway_worker_driver{worker=\"0\",driver=\"io_uring\"} 1"));
         assert!(text.contains("ringway_requests_total{worker=\"0\",status=\"200\"} 2"));
-        assert!(text.contains("ringway_request_duration_seconds_bucket{worker=\"0\",le=\"0.0005\"} 1"));
-        assert!(text.contains("ringway_request_duration_seconds_bucket{worker=\"0\",le=\"+Inf\"} 2"));
+        assert!(
+            text.contains("ringway_request_duration_seconds_bucket{worker=\"0\",le=\"0.0005\"} 1")
+        );
+        assert!(
+            text.contains("ringway_request_duration_seconds_bucket{worker=\"0\",le=\"+Inf\"} 2")
+        );
         assert!(text.contains("ringway_request_duration_seconds_count{worker=\"0\"} 2"));
     }
 }

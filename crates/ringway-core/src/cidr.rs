@@ -29,7 +29,9 @@ impl Cidr {
         let ip = canonical(ip);
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
                 (u32::from(net) & mask) == (u32::from(ip) & mask)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -131,7 +133,14 @@ mod tests {
 
     #[test]
     fn bad_ranges() {
-        for s in ["10.0.0.0/33", "::/129", "10.0.0", "x/8", "10.0.0.0/", "10.0.0.0/-1"] {
+        for s in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0",
+            "x/8",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+        ] {
             assert!(s.parse::<Cidr>().is_err(), "{s}");
         }
     }

@@ -267,7 +267,10 @@ mod tests {
         }
         assert!(ok > 0 && ok < 10_000);
         assert_eq!(p.dropped(), 10_000 - ok);
-        assert_eq!(c.drain(usize::MAX, |r| assert_eq!(r, &rec[..])), ok as usize);
+        assert_eq!(
+            c.drain(usize::MAX, |r| assert_eq!(r, &rec[..])),
+            ok as usize
+        );
         assert!(p.push_bytes(&rec), "space is reusable after a drain");
     }
 
@@ -291,7 +294,10 @@ mod tests {
         loop {
             let n = c.drain(1024, |r| {
                 let i = u64::from_le_bytes(r[..8].try_into().unwrap());
-                assert!(r[8..].iter().all(|&b| b == (i % 256) as u8), "torn record {i}");
+                assert!(
+                    r[8..].iter().all(|&b| b == (i % 256) as u8),
+                    "torn record {i}"
+                );
                 assert_eq!(r.len(), 8 + (i as usize * 13) % 400);
                 got.push(i);
             });

@@ -227,9 +227,8 @@ impl LogRecord {
             status,
             worker,
             client_ip: ip_from(&client, flags & FLAG_CLIENT_V6 != 0),
-            upstream: (flags & FLAG_UPSTREAM != 0).then(|| {
-                SocketAddr::new(ip_from(&up_ip, flags & FLAG_UPSTREAM_V6 != 0), up_port)
-            }),
+            upstream: (flags & FLAG_UPSTREAM != 0)
+                .then(|| SocketAddr::new(ip_from(&up_ip, flags & FLAG_UPSTREAM_V6 != 0), up_port)),
             request_id: r.string()?,
             host: r.string()?,
             method: r.string()?,

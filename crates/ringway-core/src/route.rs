@@ -256,7 +256,10 @@ mod tests {
         assert_eq!(normalize_host(b"a b", &mut buf), None);
         let long = "a".repeat(300);
         assert_eq!(normalize_host(long.as_bytes(), &mut buf), None);
-        assert_eq!(normalize_pattern("*.Example.com.").unwrap(), "*.example.com");
+        assert_eq!(
+            normalize_pattern("*.Example.com.").unwrap(),
+            "*.example.com"
+        );
         assert!(normalize_pattern("a.*.com").is_err());
         assert!(normalize_pattern("*").is_err());
         assert!(normalize_pattern("").is_err());
@@ -283,7 +286,10 @@ mod tests {
         set.default = Some(route("fallback"));
         t.apply(&set);
         assert_eq!(name(&t, "other.org").as_deref(), Some("fallback"));
-        assert_eq!(t.with_route("", |r| r.name.to_string()).as_deref(), Some("fallback"));
+        assert_eq!(
+            t.with_route("", |r| r.name.to_string()).as_deref(),
+            Some("fallback")
+        );
     }
 
     #[test]

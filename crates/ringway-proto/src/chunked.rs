@@ -343,7 +343,8 @@ mod tests {
 
     #[test]
     fn decodes_in_any_split() {
-        let input = b"5\r\nhello\r\n1;ext=\"a b\"\r\n \r\nA\r\n0123456789\r\n0\r\nX-T: v\r\n\r\nNEXT";
+        let input =
+            b"5\r\nhello\r\n1;ext=\"a b\"\r\n \r\nA\r\n0123456789\r\n0\r\nX-T: v\r\n\r\nNEXT";
         for step in 1..input.len() {
             let (body, done, rest) = decode_all(input, step).unwrap();
             assert_eq!(body, b"hello 0123456789", "step {step}");
@@ -407,14 +408,8 @@ mod tests {
             decode_all(b"0\r\nX T: v\r\n\r\n", 64),
             Err(ChunkError::Trailer)
         );
-        assert_eq!(
-            decode_all(b"0\r\nX: v\n\r\n", 64),
-            Err(ChunkError::Trailer)
-        );
-        assert_eq!(
-            decode_all(b"0\r\n\rX", 64),
-            Err(ChunkError::BareLineBreak)
-        );
+        assert_eq!(decode_all(b"0\r\nX: v\n\r\n", 64), Err(ChunkError::Trailer));
+        assert_eq!(decode_all(b"0\r\n\rX", 64), Err(ChunkError::BareLineBreak));
         let mut big = b"0\r\n".to_vec();
         while big.len() < TRAILER_BYTES_MAX + 100 {
             big.extend_from_slice(b"X-A: 0123456789\r\n");
@@ -431,7 +426,12 @@ mod tests {
 
     #[test]
     fn writes_sizes() {
-        for (n, s) in [(1usize, "1\r\n"), (15, "f\r\n"), (16, "10\r\n"), (65536, "10000\r\n")] {
+        for (n, s) in [
+            (1usize, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65536, "10000\r\n"),
+        ] {
             let mut out = Vec::new();
             write_chunk_size(n, &mut out);
             assert_eq!(out, s.as_bytes());

@@ -216,7 +216,12 @@ impl Method {
     pub fn is_idempotent(self) -> bool {
         matches!(
             self,
-            Method::Get | Method::Head | Method::Options | Method::Trace | Method::Put | Method::Delete
+            Method::Get
+                | Method::Head
+                | Method::Options
+                | Method::Trace
+                | Method::Put
+                | Method::Delete
         )
     }
 }
@@ -361,9 +366,8 @@ impl FieldScan {
                     if s.content_length.is_some() {
                         return Err(HeadError::DuplicateContentLength);
                     }
-                    s.content_length = Some(
-                        parse_content_length(h.value).ok_or(HeadError::InvalidContentLength)?,
-                    );
+                    s.content_length =
+                        Some(parse_content_length(h.value).ok_or(HeadError::InvalidContentLength)?);
                 }
                 17 if eq_ic(name, b"transfer-encoding") => {
                     let mut any = false;
@@ -400,7 +404,13 @@ pub fn parse_request<'h, 'b>(
 ) -> Result<Request<'h, 'b>, HeadError> {
     let count_max = limits.headers_count_max.min(slots.len());
     let mut req = httparse::Request::new(&mut slots[..count_max]);
-    let head_len = match req.parse(buf).map_err(map_httparse)? {
+    let parsed = req.parse(buf).map_err(|e| match e {
+        // httparse reads "GET /a b HTTP/1.1" as version "b HTTP/1.1": that is a malformed
+        // request line (400), not a version we do not speak (505).
+        httparse::Error::Version if !ends_in_http_version(buf) => HeadError::Syntax("request line"),
+        e => map_httparse(e),
+    })?;
+    let head_len = match parsed {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => return Err(HeadError::Syntax("incomplete head")),
     };
@@ -491,6 +501,30 @@ pub fn parse_request<'h, 'b>(
             extra_connection_options: f.conn_other,
         },
     })
+}
+
+/// Whether the request line is `method SP target SP HTTP/d.d`.
+fn ends_in_http_version(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(0);
+    let line = &buf[start..];
+    let end = memchr::memchr(b'\r', line).unwrap_or(line.len());
+    let line = &line[..end];
+    if line.iter().filter(|&&b| b == b' ').count() != 2 {
+        return false;
+    }
+    match line.rsplit(|&b| b == b' ').next() {
+        Some(v) => {
+            v.len() == 8
+                && v.starts_with(b"HTTP/")
+                && v[5].is_ascii_digit()
+                && v[6] == b'.'
+                && v[7].is_ascii_digit()
+        }
+        None => false,
+    }
 }
 
 fn strip_prefix_ic<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
@@ -598,7 +632,8 @@ pub fn parse_response<'h, 'b>(
     let f = FieldScan::walk(headers, false)?;
 
     // RFC 9112 §6.3, in order.
-    let bodyless = method == Method::Head || (100..200).contains(&status) || status == 204 || status == 304;
+    let bodyless =
+        method == Method::Head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if bodyless {
         ResponseFraming::None
     } else if f.te_seen {
@@ -732,16 +767,31 @@ mod tests {
 
     #[test]
     fn obs_fold_and_space_before_colon_are_rejected() {
-        assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n"), 400);
+        assert_eq!(
+            status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n"),
+            400
+        );
         assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"), 400);
-        assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX\t: b\r\n\r\n"), 400);
+        assert_eq!(
+            status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX\t: b\r\n\r\n"),
+            400
+        );
     }
 
     #[test]
     fn invalid_bytes_in_names_and_values_are_rejected() {
-        assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX(y): b\r\n\r\n"), 400);
-        assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x7f\r\n\r\n"), 400);
-        assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n"), 400);
+        assert_eq!(
+            status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX(y): b\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x7f\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status_of(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n"),
+            400
+        );
         assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\n: b\r\n\r\n"), 400);
         assert_eq!(status_of(b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status_of(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
@@ -873,15 +923,17 @@ mod tests {
     fn versions() {
         assert_eq!(status_of(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 505);
         assert_eq!(status_of(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"), 505);
-        assert_eq!(status_of(b"GET / FOO/1.1\r\nHost: a\r\n\r\n"), 505);
+        assert_eq!(status_of(b"GET / FOO/1.1\r\nHost: a\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
     }
 
     #[test]
     fn connection_and_upgrade() {
         let m = req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
         assert!(!m.keep_alive);
-        let m = req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-            .unwrap();
+        let m =
+            req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .unwrap();
         assert!(m.upgrade);
         let m = req(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n").unwrap();
         assert!(!m.upgrade);
@@ -960,7 +1012,11 @@ mod tests {
         let m = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::Get).unwrap();
         assert_eq!(m.framing, ResponseFraming::Length(3));
         assert!(m.keep_alive);
-        let m = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::Head).unwrap();
+        let m = resp(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+            Method::Head,
+        )
+        .unwrap();
         assert_eq!(m.framing, ResponseFraming::None);
         for code in [100, 103, 204, 304] {
             let raw = format!("HTTP/1.1 {code} X\r\nContent-Length: 3\r\n\r\n");
@@ -969,7 +1025,11 @@ mod tests {
                 ResponseFraming::None
             );
         }
-        let m = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::Get).unwrap();
+        let m = resp(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Get,
+        )
+        .unwrap();
         assert_eq!(m.framing, ResponseFraming::Chunked);
         let m = resp(b"HTTP/1.1 200 OK\r\n\r\n", Method::Get).unwrap();
         assert_eq!(m.framing, ResponseFraming::Close);
@@ -996,7 +1056,11 @@ mod tests {
             b"HTTP/1.1 600 High\r\n\r\n",
             b"HTTP/1.1 abc OK\r\n\r\n",
         ] {
-            assert!(resp(raw, Method::Get).is_err(), "{:?}", String::from_utf8_lossy(raw));
+            assert!(
+                resp(raw, Method::Get).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 }

@@ -152,7 +152,9 @@ mod tests {
         let mut out = Vec::new();
         let mut w = HeadWriter::new(&mut out);
         w.request_line(r.method_raw, r.origin_target());
-        w.copy_headers(raw, r.headers, |h| !crate::token::is_hop_by_hop(h.name.as_bytes()));
+        w.copy_headers(raw, r.headers, |h| {
+            !crate::token::is_hop_by_hop(h.name.as_bytes())
+        });
         w.header(b"X-Added", b"yes");
         w.finish();
         assert_eq!(

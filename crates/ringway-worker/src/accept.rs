@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 
 /// Binds `count` SO_REUSEPORT listeners on `addr`. With port 0, the first socket picks the
 /// port and the others join it.
-pub fn bind_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<std::net::TcpListener>> {
+pub fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> io::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
@@ -58,6 +62,7 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                set_cloexec(&stream);
                 w.active.set(w.active.get() + 1);
                 w.stats.connections_accepted.inc();
                 w.stats.connections_active.inc();
@@ -82,9 +87,43 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     }
 }
 
+/// monoio's io_uring accept passes no flags, so accepted sockets lack close-on-exec and would
+/// stay open in any program this process starts (the client would not see the connection
+/// close until that program exits).
+fn set_cloexec(stream: &monoio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    // SAFETY: `fd` is the open socket owned by `stream`; F_SETFD takes an integer flag and
+    // touches no memory.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    debug_assert!(rc == 0, "fcntl(F_SETFD) on an open socket");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_sockets_are_close_on_exec() {
+        use std::os::fd::AsRawFd;
+        if !monoio::utils::detect_uring() {
+            return; // Only io_uring's accept lacks the flag.
+        }
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            set_cloexec(&s);
+            // SAFETY: querying the flags of an open fd.
+            let flags = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_GETFD) };
+            assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        });
+    }
 
     #[test]
     fn port_zero_is_shared() {

@@ -65,8 +65,7 @@ fn parse_forwarded_ip(s: &[u8]) -> Option<IpAddr> {
 pub fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= REQUEST_ID_BYTES_MAX
-        && v
-            .iter()
+        && v.iter()
             .all(|&b| (0x21..=0x7e).contains(&b) && !matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&'))
 }
 

@@ -49,9 +49,14 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted:
         match Box::pin(proxy::exchange(&w, &mut c, deadline, last)).await {
             Next::KeepAlive if !last && !w.shutdown.is_fired() => {}
             Next::Upgrade(u) => break Some(u),
+            Next::Linger => {
+                Box::pin(linger(&w, &mut c)).await;
+                break None;
+            }
             _ => break None,
         }
     };
+    tracing::debug!(worker = w.id, %peer, served, "closing connection");
     let Client { io, rb, .. } = c;
     if let Some(u) = upgraded {
         let Upgraded { upstream, mut ex } = *u;
@@ -72,6 +77,38 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted:
     }
     if rb.buf.capacity() > 0 {
         w.bufs.put(rb.buf);
+    }
+}
+
+/// Longest a closing connection is drained after an error answer.
+const LINGER_TOTAL: Duration = Duration::from_secs(2);
+/// Longest wait for more bytes while draining.
+const LINGER_READ: Duration = Duration::from_millis(500);
+
+/// Half-closes the connection (the client sees the end of the answer) and reads and discards
+/// what the client still sends, for a bounded time, before the socket is closed.
+async fn linger(w: &Worker, c: &mut Client) {
+    use monoio::io::AsyncWriteRent;
+    let _ = c.io.io.shutdown().await;
+    if c.rb.buf.capacity() == 0 {
+        c.rb = RecvBuf::new(w.bufs.take());
+    }
+    let deadline = Instant::now() + LINGER_TOTAL;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        c.rb.buf.clear();
+        c.rb.pos = 0;
+        c.rb.window = 0;
+        if c.io
+            .fill(&mut c.rb, 1024, left.min(LINGER_READ))
+            .await
+            .is_err()
+        {
+            break;
+        }
     }
 }
 
@@ -103,6 +140,7 @@ async fn wait_for_request(w: &Worker, c: &mut Client, wait: Duration) -> Wait {
         w.bufs.put(std::mem::take(&mut c.rb.buf));
         c.rb = RecvBuf::default();
     }
+    tracing::debug!(worker = w.id, peer = %c.peer, ?wait, "idle wait");
     if idle_wait(w, &c.io.io, wait.saturating_sub(hot)).await {
         Wait::Readable
     } else {

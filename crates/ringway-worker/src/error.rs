@@ -238,7 +238,9 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
         assert!(s.contains("Connection: close\r\n"));
-        assert!(s.ends_with("{\"status\":502,\"error\":\"Bad Gateway\",\"request_id\":\"rid-1\"}\n"));
+        assert!(
+            s.ends_with("{\"status\":502,\"error\":\"Bad Gateway\",\"request_id\":\"rid-1\"}\n")
+        );
         let (head, body) = s.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         let mut out = Vec::new();

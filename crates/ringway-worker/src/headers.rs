@@ -45,7 +45,12 @@ fn is_forwarding(name: &[u8]) -> bool {
 }
 
 /// Appends the upstream request head for `req` (parsed from `head`) to `out`.
-pub fn write_upstream_request(out: &mut Vec<u8>, head: &[u8], req: &Request<'_, '_>, f: &Forwarding<'_>) {
+pub fn write_upstream_request(
+    out: &mut Vec<u8>,
+    head: &[u8],
+    req: &Request<'_, '_>,
+    f: &Forwarding<'_>,
+) {
     let absolute = req.meta.target_authority.is_some();
     let mut w = HeadWriter::new(out);
     w.request_line(req.method_raw, req.origin_target());
@@ -73,17 +78,22 @@ pub fn write_upstream_request(out: &mut Vec<u8>, head: &[u8], req: &Request<'_, 
     // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's replaced.
     w.header_with(b"X-Forwarded-For", |o| {
         if f.trusted {
-            for h in req.headers.iter().filter(|h| is_named(h.name.as_bytes(), b"x-forwarded-for")) {
+            for h in req
+                .headers
+                .iter()
+                .filter(|h| is_named(h.name.as_bytes(), b"x-forwarded-for"))
+            {
                 o.extend_from_slice(h.value);
                 o.extend_from_slice(b", ");
             }
         }
         let _ = write!(o, "{}", ringway_core::cidr::canonical(f.peer_ip));
     });
-    let kept = |name: &str| -> Option<&[u8]> {
-        if f.trusted { req.header(name) } else { None }
-    };
-    w.header(b"X-Forwarded-Proto", kept("x-forwarded-proto").unwrap_or(f.proto));
+    let kept = |name: &str| -> Option<&[u8]> { if f.trusted { req.header(name) } else { None } };
+    w.header(
+        b"X-Forwarded-Proto",
+        kept("x-forwarded-proto").unwrap_or(f.proto),
+    );
     if let Some(host) = kept("x-forwarded-host").or(req.authority()) {
         w.header(b"X-Forwarded-Host", host);
     }
@@ -110,7 +120,10 @@ pub fn write_upstream_request(out: &mut Vec<u8>, head: &[u8], req: &Request<'_, 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientFraming {
     /// No body follows. `keep_length` copies the upstream's Content-Length (HEAD, 304).
-    None { keep_length: bool, zero_length: bool },
+    None {
+        keep_length: bool,
+        zero_length: bool,
+    },
     Length(u64),
     Chunked,
     /// Body until the proxy closes the connection (HTTP/1.0 clients).
@@ -136,8 +149,19 @@ fn has_header(headers: &[Header<'_>], name: &[u8]) -> bool {
 }
 
 /// Appends the client response head for `resp` (parsed from `head`) to `out`.
-pub fn write_client_response(out: &mut Vec<u8>, head: &[u8], resp: &Response<'_, '_>, e: &ResponseEdit<'_>) {
-    let keep_length = matches!(e.framing, ClientFraming::None { keep_length: true, .. });
+pub fn write_client_response(
+    out: &mut Vec<u8>,
+    head: &[u8],
+    resp: &Response<'_, '_>,
+    e: &ResponseEdit<'_>,
+) {
+    let keep_length = matches!(
+        e.framing,
+        ClientFraming::None {
+            keep_length: true,
+            ..
+        }
+    );
     let mut w = HeadWriter::new(out);
     let reason = if resp.reason.is_empty() {
         crate::error::reason_phrase(resp.status).as_bytes()
@@ -152,8 +176,7 @@ pub fn write_client_response(out: &mut Vec<u8>, head: &[u8], resp: &Response<'_,
         }
         !(is_hop_by_hop(n)
             || resp.is_connection_option(n)
-            || e
-                .security
+            || e.security
                 .iter()
                 .any(|s| s.override_app && is_named(n, &s.name)))
     });

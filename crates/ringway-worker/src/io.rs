@@ -116,7 +116,11 @@ impl RecvBuf {
 
 /// Runs an I/O future with a timeout. On timeout the operation is cancelled through
 /// `canceller` and awaited to completion, so the buffer comes back.
-async fn timed<F, T>(fut: F, canceller: &mut Canceller, dur: Duration) -> (monoio::BufResult<usize, T>, bool)
+async fn timed<F, T>(
+    fut: F,
+    canceller: &mut Canceller,
+    dur: Duration,
+) -> (monoio::BufResult<usize, T>, bool)
 where
     F: Future<Output = monoio::BufResult<usize, T>>,
 {
@@ -139,7 +143,9 @@ pub struct Timed<S> {
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Timed<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timed").field("io", &self.io).finish_non_exhaustive()
+        f.debug_struct("Timed")
+            .field("io", &self.io)
+            .finish_non_exhaustive()
     }
 }
 
@@ -155,14 +161,22 @@ impl<S> Timed<S> {
 impl<S: CancelableAsyncReadRent> Timed<S> {
     /// Appends what one read returns to `buf` (into its spare capacity, which must not be
     /// empty). `Ok(0)` is end of stream.
-    pub async fn read_append(&mut self, buf: Vec<u8>, dur: Duration) -> (Result<usize, IoFail>, Vec<u8>) {
+    pub async fn read_append(
+        &mut self,
+        buf: Vec<u8>,
+        dur: Duration,
+    ) -> (Result<usize, IoFail>, Vec<u8>) {
         let len = buf.len();
         let cap = buf.capacity();
         debug_assert!(cap > len, "read into a full buffer");
         let slice = SliceMut::new(buf, len, cap);
         let handle = self.canceller.handle();
-        let ((res, slice), timed_out) =
-            timed(self.io.cancelable_read(slice, handle), &mut self.canceller, dur).await;
+        let ((res, slice), timed_out) = timed(
+            self.io.cancelable_read(slice, handle),
+            &mut self.canceller,
+            dur,
+        )
+        .await;
         let buf = slice.into_inner();
         match res {
             Ok(n) => (Ok(n), buf),
@@ -172,7 +186,12 @@ impl<S: CancelableAsyncReadRent> Timed<S> {
     }
 
     /// Reads into `rb` after `prepare_read`. Returns the byte count; EOF is `Err(Closed)`.
-    pub async fn fill(&mut self, rb: &mut RecvBuf, min_free: usize, dur: Duration) -> Result<usize, IoFail> {
+    pub async fn fill(
+        &mut self,
+        rb: &mut RecvBuf,
+        min_free: usize,
+        dur: Duration,
+    ) -> Result<usize, IoFail> {
         rb.prepare_read(min_free);
         let (res, buf) = self.read_append(std::mem::take(&mut rb.buf), dur).await;
         rb.buf = buf;
@@ -197,8 +216,12 @@ impl<S: CancelableAsyncWriteRent> Timed<S> {
         while pos < end {
             let slice = Slice::new(buf, pos, end);
             let handle = self.canceller.handle();
-            let ((res, slice), timed_out) =
-                timed(self.io.cancelable_write(slice, handle), &mut self.canceller, dur).await;
+            let ((res, slice), timed_out) = timed(
+                self.io.cancelable_write(slice, handle),
+                &mut self.canceller,
+                dur,
+            )
+            .await;
             buf = slice.into_inner();
             match res {
                 Ok(0) => return (Err(IoFail::Closed), buf),
@@ -211,7 +234,11 @@ impl<S: CancelableAsyncWriteRent> Timed<S> {
     }
 
     /// Writes all of `buf`.
-    pub async fn write_all(&mut self, buf: Vec<u8>, dur: Duration) -> (Result<(), IoFail>, Vec<u8>) {
+    pub async fn write_all(
+        &mut self,
+        buf: Vec<u8>,
+        dur: Duration,
+    ) -> (Result<(), IoFail>, Vec<u8>) {
         let end = buf.len();
         self.write_range(buf, 0, end, dur).await
     }

@@ -10,8 +10,8 @@
 //! [`stream`]) → [`log`](worker::Worker::log) into the worker's ring. `docs/architecture.md`
 //! tells the same story with the limits that apply at each step.
 
-pub mod access;
 pub mod accept;
+pub mod access;
 pub mod conn;
 pub mod error;
 pub mod event;

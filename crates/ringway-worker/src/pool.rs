@@ -45,7 +45,11 @@ pub struct Checkout {
 }
 
 impl Pool {
-    pub fn new(per_upstream_max: usize, idle_timeout: Duration, stale_check_idle: Duration) -> Self {
+    pub fn new(
+        per_upstream_max: usize,
+        idle_timeout: Duration,
+        stale_check_idle: Duration,
+    ) -> Self {
         Self {
             idle: HashMap::with_hasher(RandomState::default()),
             per_upstream_max,

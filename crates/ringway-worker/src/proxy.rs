@@ -26,8 +26,8 @@ use monoio::net::TcpStream;
 use ringway_core::LogEntry;
 use ringway_proto::head::HeadScanner;
 use ringway_proto::{
-    BodyFraming, ChunkedDecoder, HEADER_SLOTS, HeadError, Method, RequestMeta, ResponseFraming, Version,
-    parse_request, parse_response,
+    BodyFraming, ChunkedDecoder, HEADER_SLOTS, HeadError, Method, RequestMeta, ResponseFraming,
+    Version, parse_request, parse_response,
 };
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Instant, SystemTime};
@@ -49,6 +49,10 @@ pub struct Client {
 pub enum Next {
     KeepAlive,
     Close,
+    /// Close after an error answer, draining what the client still sends first: closing a
+    /// socket with unread bytes sends a reset, which can destroy the answer before the client
+    /// reads it (an upload refused with 413, say).
+    Linger,
     /// The upstream switched protocols: relay bytes both ways.
     Upgrade(Box<Upgraded>),
 }
@@ -192,7 +196,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
             respond_error(w, c, &mut ex, &mut out, rej, false).await;
             w.bufs.put(out);
             ex.finish(w, &c.rb.buf);
-            return Next::Close;
+            return Next::Linger;
         }
     };
     ex.bytes_in = head_len as u64;
@@ -213,7 +217,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
             c.rb.consume(head_len);
             ex.finish(w, &c.rb.buf);
             c.rb.compact();
-            return if close { Next::Close } else { Next::KeepAlive };
+            return if close { Next::Linger } else { Next::KeepAlive };
         }
     };
     ex.target = Some(target);
@@ -280,7 +284,9 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
         } else {
             // Keep the head in `out`: a retry sends it again.
             let len = out.len();
-            let (r, b) = up.write_range(std::mem::take(&mut out), 0, len, w.settings.upstream_write).await;
+            let (r, b) = up
+                .write_range(std::mem::take(&mut out), 0, len, w.settings.upstream_write)
+                .await;
             out = b;
             r.map_err(|e| e.on(Side::Upstream))
         };
@@ -332,7 +338,11 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
             w.bufs.put(out);
             ex.finish(w, &c.rb.buf);
             c.rb.compact();
-            return if rej.close { Next::Close } else { Next::KeepAlive };
+            return if rej.close {
+                Next::Linger
+            } else {
+                Next::KeepAlive
+            };
         }
     };
     out.clear();
@@ -354,7 +364,11 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
                 w.bufs.put(out);
                 ex.finish(w, &c.rb.buf);
                 c.rb.compact();
-                return if rej.close { Next::Close } else { Next::KeepAlive };
+                return if rej.close {
+                    Next::Linger
+                } else {
+                    Next::KeepAlive
+                };
             }
         };
         if !plan.interim {
@@ -363,7 +377,9 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
         ubuf.consume(plan.head_len);
         ubuf.compact();
         if !out.is_empty() {
-            let (r, b) = c.io.write_all(std::mem::take(&mut out), w.settings.client_write).await;
+            let (r, b) =
+                c.io.write_all(std::mem::take(&mut out), w.settings.client_write)
+                    .await;
             out = b;
             ex.bytes_out += out.len() as u64;
             out.clear();
@@ -385,7 +401,9 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
         // Bytes that arrived after the 101 head belong to the new protocol.
         out.extend_from_slice(ubuf.unread());
         ubuf.consume(ubuf.unread().len());
-        let (r, b) = c.io.write_all(std::mem::take(&mut out), w.settings.client_write).await;
+        let (r, b) =
+            c.io.write_all(std::mem::take(&mut out), w.settings.client_write)
+                .await;
         ex.bytes_out += b.len() as u64;
         w.bufs.put(b);
         w.bufs.put(ubuf.buf);
@@ -399,7 +417,12 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
             let start = c.rb.pos;
             let end = c.rb.buf.len();
             let (r, b) = up
-                .write_range(std::mem::take(&mut c.rb.buf), start, end, w.settings.upstream_write)
+                .write_range(
+                    std::mem::take(&mut c.rb.buf),
+                    start,
+                    end,
+                    w.settings.upstream_write,
+                )
                 .await;
             c.rb.buf = b;
             c.rb.consume(end - start);
@@ -420,7 +443,9 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
     let mut client_open = !plan.client_close;
     match plan.body {
         None => {
-            let (r, b) = c.io.write_all(std::mem::take(&mut out), w.settings.client_write).await;
+            let (r, b) =
+                c.io.write_all(std::mem::take(&mut out), w.settings.client_write)
+                    .await;
             ex.bytes_out += b.len() as u64;
             out = b;
             if r.is_err() {
@@ -461,17 +486,30 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
 
     // Phase 7: finish.
     if upstream_clean && !ubuf.has_unread() {
-        w.pool.borrow_mut().checkin(target.upstream, up.io, Instant::now());
+        w.pool
+            .borrow_mut()
+            .checkin(target.upstream, up.io, Instant::now());
     }
     w.bufs.put(ubuf.buf);
     w.bufs.put(out);
     ex.finish(w, &c.rb.buf);
     c.rb.compact();
-    if client_open { Next::KeepAlive } else { Next::Close }
+    if client_open {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
 }
 
 /// Ends an exchange without an answer (the client is gone or the response is cut off).
-fn abort(w: &Worker, c: &mut Client, ex: &mut Exchange, out: Vec<u8>, reason: &'static str, status: u16) -> Next {
+fn abort(
+    w: &Worker,
+    c: &mut Client,
+    ex: &mut Exchange,
+    out: Vec<u8>,
+    reason: &'static str,
+    status: u16,
+) -> Next {
     w.bufs.put(out);
     if ex.status == 0 {
         ex.status = status;
@@ -482,7 +520,12 @@ fn abort(w: &Worker, c: &mut Client, ex: &mut Exchange, out: Vec<u8>, reason: &'
 }
 
 /// Phase 1. `Ok(None)`: the client closed (or went quiet) before sending a request.
-async fn read_head(w: &Worker, c: &mut Client, deadline: Instant, ex: &mut Exchange) -> Result<Option<usize>, Reject> {
+async fn read_head(
+    w: &Worker,
+    c: &mut Client,
+    deadline: Instant,
+    ex: &mut Exchange,
+) -> Result<Option<usize>, Reject> {
     let mut scanner = HeadScanner::new();
     loop {
         match scanner.scan(&c.rb.buf, &w.settings.head) {
@@ -497,7 +540,10 @@ async fn read_head(w: &Worker, c: &mut Client, deadline: Instant, ex: &mut Excha
             }
         }
         let now = Instant::now();
-        let Some(left) = deadline.checked_duration_since(now).filter(|d| !d.is_zero()) else {
+        let Some(left) = deadline
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())
+        else {
             return if c.rb.buf.is_empty() {
                 Ok(None)
             } else {
@@ -659,7 +705,11 @@ fn prepare(
 }
 
 /// Phase 4: a pooled connection to `addr`, or a new one. Returns whether it was reused.
-async fn upstream_conn(w: &Worker, addr: SocketAddr, fresh_only: bool) -> Result<(TcpStream, bool), ProxyError> {
+async fn upstream_conn(
+    w: &Worker,
+    addr: SocketAddr,
+    fresh_only: bool,
+) -> Result<(TcpStream, bool), ProxyError> {
     if !fresh_only {
         let got = w.pool.borrow_mut().checkout(addr, Instant::now());
         w.stats.upstream_stale.add(got.stale);
@@ -687,7 +737,11 @@ async fn upstream_conn(w: &Worker, addr: SocketAddr, fresh_only: bool) -> Result
 
 /// Phase 5: reads until `ubuf` holds a complete response head (at its front). Failures before
 /// any byte are marked retry-safe.
-async fn read_response_head(w: &Worker, up: &mut Timed<TcpStream>, ubuf: &mut RecvBuf) -> Result<(), ProxyError> {
+async fn read_response_head(
+    w: &Worker,
+    up: &mut Timed<TcpStream>,
+    ubuf: &mut RecvBuf,
+) -> Result<(), ProxyError> {
     let mut scanner = HeadScanner::new();
     loop {
         match scanner.scan(&ubuf.buf, &w.settings.head) {
@@ -699,7 +753,9 @@ async fn read_response_head(w: &Worker, up: &mut Timed<TcpStream>, ubuf: &mut Re
         match up.fill(ubuf, 1024, w.settings.upstream_read).await {
             Ok(_) => {}
             Err(IoFail::Timeout) => return Err(ProxyError::upstream(ErrorKind::Timeout)),
-            Err(IoFail::Closed) if !nothing_yet => return Err(ProxyError::upstream(ErrorKind::Protocol)),
+            Err(IoFail::Closed) if !nothing_yet => {
+                return Err(ProxyError::upstream(ErrorKind::Protocol));
+            }
             Err(e) => return Err(e.on(Side::Upstream).retry_safe(nothing_yet)),
         }
     }
@@ -721,7 +777,14 @@ struct Plan {
 
 /// Phase 5 (cont.): parses the response head at the front of `ubuf` and writes the client head
 /// into `out`.
-fn plan_response(w: &Worker, req: &Req, ex: &Exchange, ubuf: &RecvBuf, out: &mut Vec<u8>, force_close: bool) -> Result<Plan, ProxyError> {
+fn plan_response(
+    w: &Worker,
+    req: &Req,
+    ex: &Exchange,
+    ubuf: &RecvBuf,
+    out: &mut Vec<u8>,
+    force_close: bool,
+) -> Result<Plan, ProxyError> {
     let s = &w.settings;
     let head_end = HeadScanner::new()
         .scan(&ubuf.buf, &s.head)
@@ -730,7 +793,8 @@ fn plan_response(w: &Worker, req: &Req, ex: &Exchange, ubuf: &RecvBuf, out: &mut
         .ok_or(ProxyError::upstream(ErrorKind::Protocol))?;
     let head = &ubuf.buf[..head_end];
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
-    let resp = parse_response(head, req.method, &s.head, &mut slots).map_err(|_| ProxyError::upstream(ErrorKind::Protocol))?;
+    let resp = parse_response(head, req.method, &s.head, &mut slots)
+        .map_err(|_| ProxyError::upstream(ErrorKind::Protocol))?;
     let m = resp.meta;
     let client_10 = req.version == Version::Http10;
 
@@ -741,7 +805,8 @@ fn plan_response(w: &Worker, req: &Req, ex: &Exchange, ubuf: &RecvBuf, out: &mut
             let mut hw = ringway_proto::HeadWriter::new(out);
             hw.status_line(m.status, resp.reason);
             hw.copy_headers(head, resp.headers, |h| {
-                !ringway_proto::token::is_hop_by_hop(h.name.as_bytes()) && !resp.is_connection_option(h.name.as_bytes())
+                !ringway_proto::token::is_hop_by_hop(h.name.as_bytes())
+                    && !resp.is_connection_option(h.name.as_bytes())
             });
             hw.finish();
         }
@@ -801,7 +866,10 @@ fn plan_response(w: &Worker, req: &Req, ex: &Exchange, ubuf: &RecvBuf, out: &mut
                 None,
             )
         }
-        ResponseFraming::Length(n) => (ClientFraming::Length(n), Some((Decode::Length(n), Encode::Raw))),
+        ResponseFraming::Length(n) => (
+            ClientFraming::Length(n),
+            Some((Decode::Length(n), Encode::Raw)),
+        ),
         ResponseFraming::Chunked | ResponseFraming::Close => {
             let decode = if m.framing == ResponseFraming::Chunked {
                 Decode::Chunked(ChunkedDecoder::new())
@@ -841,13 +909,29 @@ fn plan_response(w: &Worker, req: &Req, ex: &Exchange, ubuf: &RecvBuf, out: &mut
 }
 
 /// Writes an error page the proxy generates itself.
-async fn respond_error(w: &Worker, c: &mut Client, ex: &mut Exchange, out: &mut Vec<u8>, rej: Reject, head_only: bool) {
+async fn respond_error(
+    w: &Worker,
+    c: &mut Client,
+    ex: &mut Exchange,
+    out: &mut Vec<u8>,
+    rej: Reject,
+    head_only: bool,
+) {
     ex.status = rej.status;
     if ex.reason.is_empty() {
         ex.reason = rej.reason;
     }
-    write_error_page(out, rej.status, ex.request_id(), ex.json, rej.close, head_only);
-    let (r, b) = c.io.write_all(std::mem::take(out), w.settings.client_write).await;
+    write_error_page(
+        out,
+        rej.status,
+        ex.request_id(),
+        ex.json,
+        rej.close,
+        head_only,
+    );
+    let (r, b) =
+        c.io.write_all(std::mem::take(out), w.settings.client_write)
+            .await;
     *out = b;
     if r.is_ok() {
         ex.bytes_out += out.len() as u64;

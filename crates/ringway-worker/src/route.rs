@@ -51,9 +51,17 @@ impl HostName {
 }
 
 /// Looks up `host`; `pick` chooses among several upstreams (round robin per worker).
-pub fn resolve(table: &RouteTable, host: &HostName, pick: u64, default_body_max: u64) -> Option<Target> {
+pub fn resolve(
+    table: &RouteTable,
+    host: &HostName,
+    pick: u64,
+    default_body_max: u64,
+) -> Option<Target> {
     table.with_route(host.as_str(), |r| {
-        debug_assert!(!r.upstreams.is_empty(), "stores never publish a route without upstreams");
+        debug_assert!(
+            !r.upstreams.is_empty(),
+            "stores never publish a route without upstreams"
+        );
         let n = r.upstreams.len().max(1) as u64;
         let upstream = r.upstreams.get((pick % n) as usize).copied()?;
         Some(Target {

@@ -29,13 +29,25 @@ const POOL_SWEEP: Duration = Duration::from_millis(1000);
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("worker {worker}: io_uring runtime: {source}")]
-    IoUring { worker: usize, source: std::io::Error },
+    IoUring {
+        worker: usize,
+        source: std::io::Error,
+    },
     #[error("worker {worker}: epoll runtime: {source}")]
-    Legacy { worker: usize, source: std::io::Error },
+    Legacy {
+        worker: usize,
+        source: std::io::Error,
+    },
     #[error("worker {worker}: listener: {source}")]
-    Listener { worker: usize, source: std::io::Error },
+    Listener {
+        worker: usize,
+        source: std::io::Error,
+    },
     #[error("worker {worker}: thread: {source}")]
-    Thread { worker: usize, source: std::io::Error },
+    Thread {
+        worker: usize,
+        source: std::io::Error,
+    },
     #[error("worker {0} stopped before reporting")]
     Vanished(usize),
 }
@@ -69,7 +81,11 @@ pub fn plan_cores(c: &WorkersConfig) -> Vec<Option<usize>> {
         0 => available.len().max(1),
         n => n,
     };
-    let cores = if c.cores.is_empty() { available } else { c.cores.clone() };
+    let cores = if c.cores.is_empty() {
+        available
+    } else {
+        c.cores.clone()
+    };
     (0..count)
         .map(|i| {
             if c.pin && !cores.is_empty() {
@@ -160,7 +176,12 @@ fn run(spec: WorkerSpec, report: Report) {
             {
                 Ok(mut rt) => {
                     if (coop, defer) != attempts[0] {
-                        tracing::warn!(worker = id, coop, defer, "io_uring set-up flags refused by the kernel; using fewer");
+                        tracing::warn!(
+                            worker = id,
+                            coop,
+                            defer,
+                            "io_uring set-up flags refused by the kernel; using fewer"
+                        );
                     }
                     spec.stats.set_driver(Driver::IoUring);
                     let _ = report.send((id, Ok(Driver::IoUring)));
@@ -172,12 +193,21 @@ fn run(spec: WorkerSpec, report: Report) {
         }
         let err = last_err.unwrap_or_else(|| std::io::Error::other("io_uring unavailable"));
         if spec.driver == DriverChoice::IoUring {
-            let _ = report.send((id, Err(WorkerError::IoUring { worker: id, source: err })));
+            let _ = report.send((
+                id,
+                Err(WorkerError::IoUring {
+                    worker: id,
+                    source: err,
+                }),
+            ));
             return;
         }
         tracing::warn!(worker = id, error = %err, "io_uring unavailable; falling back to the epoll driver");
     } else if spec.driver == DriverChoice::Auto {
-        tracing::warn!(worker = id, "io_uring not supported by this kernel; using the epoll driver");
+        tracing::warn!(
+            worker = id,
+            "io_uring not supported by this kernel; using the epoll driver"
+        );
     }
     match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => {
@@ -239,10 +269,15 @@ async fn worker_main(spec: WorkerSpec) {
     let deadline = Instant::now() + shutdown_grace;
     while w.active.get() > 0 {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            tracing::warn!(worker = id, open = w.active.get(), "shutdown grace period over; closing connections");
+            tracing::warn!(
+                worker = id,
+                open = w.active.get(),
+                "shutdown grace period over; closing connections"
+            );
             break;
         };
-        let _ = monoio::time::timeout(left.min(Duration::from_millis(100)), w.slot_freed.wait()).await;
+        let _ =
+            monoio::time::timeout(left.min(Duration::from_millis(100)), w.slot_freed.wait()).await;
     }
     w.pool.borrow_mut().clear();
 }

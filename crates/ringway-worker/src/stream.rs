@@ -93,7 +93,9 @@ where
     let mut src_done = false;
     loop {
         // How much input one step may turn into output without growing `out`.
-        let room = out.capacity().saturating_sub(out.len() + CHUNK_OVERHEAD_BYTES);
+        let room = out
+            .capacity()
+            .saturating_sub(out.len() + CHUNK_OVERHEAD_BYTES);
         if sbuf.has_unread() && room < 1024 && !out.is_empty() {
             flush!();
             continue;
@@ -105,7 +107,11 @@ where
             match &mut decode {
                 Decode::Length(rem) => {
                     let direct = encode == Encode::Raw && out.is_empty();
-                    let cap = if direct { unread.len() } else { unread.len().min(room.max(1)) };
+                    let cap = if direct {
+                        unread.len()
+                    } else {
+                        unread.len().min(room.max(1))
+                    };
                     let take = (*rem).min(cap as u64) as usize;
                     piece = Some((sbuf.pos, take));
                     *rem -= take as u64;
@@ -114,13 +120,21 @@ where
                 }
                 Decode::Close => {
                     let direct = encode == Encode::Raw && out.is_empty();
-                    let take = if direct { unread.len() } else { unread.len().min(room.max(1)) };
+                    let take = if direct {
+                        unread.len()
+                    } else {
+                        unread.len().min(room.max(1))
+                    };
                     piece = Some((sbuf.pos, take));
                     sbuf.consume(take);
                 }
                 Decode::Chunked(dec) => {
                     let direct = encode == Encode::Raw && out.is_empty();
-                    let limit = if direct { unread.len() } else { unread.len().min(room.max(1)) };
+                    let limit = if direct {
+                        unread.len()
+                    } else {
+                        unread.len().min(room.max(1))
+                    };
                     let d = match dec.decode(&unread[..limit]) {
                         Ok(d) => d,
                         Err(_) => {
@@ -146,7 +160,12 @@ where
                 Encode::Raw if out.is_empty() && len >= DIRECT_WRITE_BYTES_MIN => {
                     let (r, b) = dst
                         .io
-                        .write_range(std::mem::take(&mut sbuf.buf), start, start + len, dst.timeout)
+                        .write_range(
+                            std::mem::take(&mut sbuf.buf),
+                            start,
+                            start + len,
+                            dst.timeout,
+                        )
                         .await;
                     sbuf.buf = b;
                     if let Err(e) = r {
@@ -206,8 +225,22 @@ pub async fn tunnel(
     let last = Cell::new(Instant::now());
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let up = relay(Timed::new(cr), Timed::new(uw), buffers.0, &last, idle, write_timeout);
-    let down = relay(Timed::new(ur), Timed::new(cw), buffers.1, &last, idle, write_timeout);
+    let up = relay(
+        Timed::new(cr),
+        Timed::new(uw),
+        buffers.0,
+        &last,
+        idle,
+        write_timeout,
+    );
+    let down = relay(
+        Timed::new(ur),
+        Timed::new(cw),
+        buffers.1,
+        &last,
+        idle,
+        write_timeout,
+    );
     let ((a, ba), (b, bb)) = monoio::join!(up, down);
     (
         Tunneled {

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 /// Reads and validates a config file. Relative paths inside it are relative to its folder.
 pub fn load_config(path: &Path) -> anyhow::Result<(Config, PathBuf)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    let config: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let config: Config =
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
     config
         .validate()
         .with_context(|| format!("validating config {}", path.display()))?;
@@ -29,7 +31,11 @@ pub fn load_config(path: &Path) -> anyhow::Result<(Config, PathBuf)> {
 
 /// `p` if absolute, else `base/p`.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 /// Start-up choices that are not config.
@@ -107,7 +113,10 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         .with_context(|| format!("binding {http}"))?;
     let http_addr = listeners[0].local_addr()?;
     let admin = match config.admin.listen {
-        Some(a) => Some(std::net::TcpListener::bind(a).with_context(|| format!("binding admin listener {a}"))?),
+        Some(a) => Some(
+            std::net::TcpListener::bind(a)
+                .with_context(|| format!("binding admin listener {a}"))?,
+        ),
         None => None,
     };
     let admin_addr = match &admin {
@@ -115,7 +124,8 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         None => None,
     };
 
-    let worker_stats: Vec<Arc<WorkerStats>> = (0..n).map(|_| Arc::new(WorkerStats::new())).collect();
+    let worker_stats: Vec<Arc<WorkerStats>> =
+        (0..n).map(|_| Arc::new(WorkerStats::new())).collect();
     let (producers, consumers): (Vec<_>, Vec<_>) = if config.access_log.enabled {
         (0..n)
             .map(|_| {

@@ -42,6 +42,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -56,7 +57,13 @@ fn main() {
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let (config, base) = ringway::load_config(&path)?;
-    let running = ringway::start(config, &base, ringway::Options { handle_signals: true })?;
+    let running = ringway::start(
+        config,
+        &base,
+        ringway::Options {
+            handle_signals: true,
+        },
+    )?;
     running.wait();
     tracing::info!("stopped");
     Ok(())
@@ -71,7 +78,11 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         "{}: ok ({} host patterns{}, routes from {})",
         path.display(),
         set.hosts.len(),
-        if set.default.is_some() { ", default route" } else { "" },
+        if set.default.is_some() {
+            ", default route"
+        } else {
+            ""
+        },
         routes_path.display()
     );
     Ok(())

@@ -30,8 +30,18 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--listen" => listen = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
-            "--threads" => threads = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--listen" => {
+                listen = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--threads" => {
+                threads = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "--cores" => {
                 cores = args
                     .next()
@@ -50,7 +60,12 @@ fn main() {
             if let Some(c) = core {
                 core_affinity::set_for_current(core_affinity::CoreId { id: c });
             }
-            let sock = socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::STREAM, None).unwrap_or_else(|e| {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(listen),
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap_or_else(|e| {
                 eprintln!("socket: {e}");
                 std::process::exit(1)
             });
@@ -70,7 +85,9 @@ fn main() {
                     std::process::exit(1)
                 });
             rt.block_on(async move {
-                let Ok(l) = TcpListener::from_std(std_listener) else { return };
+                let Ok(l) = TcpListener::from_std(std_listener) else {
+                    return;
+                };
                 loop {
                     if let Ok((s, _)) = l.accept().await {
                         let _ = s.set_nodelay(true);
@@ -123,7 +140,10 @@ async fn serve(mut s: TcpStream) {
         let mut close = req.version == Some(0);
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                content_length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = true;
             } else if h.name.eq_ignore_ascii_case("connection") {
@@ -172,7 +192,9 @@ async fn serve(mut s: TcpStream) {
         let size: usize = if content_length > 0 || chunked {
             0
         } else {
-            path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()).unwrap_or(SMALL.len())
+            path.strip_prefix("/bytes/")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(SMALL.len())
         };
         let mut head = Vec::with_capacity(256);
         let body_small: Vec<u8> = if content_length > 0 || chunked {
@@ -182,10 +204,18 @@ async fn serve(mut s: TcpStream) {
         } else {
             Vec::new()
         };
-        let len = if body_small.is_empty() { size } else { body_small.len() };
+        let len = if body_small.is_empty() {
+            size
+        } else {
+            body_small.len()
+        };
         head.extend_from_slice(b"HTTP/1.1 200 OK\r\nServer: ringway-origin\r\nContent-Type: text/plain\r\nContent-Length: ");
         head.extend_from_slice(len.to_string().as_bytes());
-        head.extend_from_slice(if close { b"\r\nConnection: close\r\n\r\n" } else { b"\r\n\r\n" });
+        head.extend_from_slice(if close {
+            b"\r\nConnection: close\r\n\r\n"
+        } else {
+            b"\r\n\r\n"
+        });
         head.extend_from_slice(&body_small);
         let (r, _) = s.write_all(head).await;
         if r.is_err() {
