@@ -92,7 +92,13 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
         c.get("app.test", "/slow/1500")
     });
     std::thread::sleep(Duration::from_millis(300));
+    // SIGHUP is not a reason to stop.
     // SAFETY: sending a signal to our own child process.
+    let rc = unsafe { libc::kill(p.child.id() as i32, libc::SIGHUP) };
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(addr, "app.test", "/after-hup").status, 200);
+    // SAFETY: as above.
     let rc = unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
     assert_eq!(rc, 0);
     let t = Instant::now();

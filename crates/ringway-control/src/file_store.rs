@@ -139,14 +139,26 @@ pub fn parse_routes(text: &str) -> Result<RouteSet, String> {
 
 /// Reads and parses a routes file (for `check-config` and the first load).
 pub fn load_routes_file(path: &Path) -> Result<RouteSet, StoreError> {
-    let text = std::fs::read_to_string(path).map_err(|source| StoreError::Read {
+    load_routes_file_hashed(path).map(|(set, _)| set)
+}
+
+/// Like [`load_routes_file`], also returning the content hash to hand to [`FileStore::new`], so
+/// the store does not apply the same file a second time.
+pub fn load_routes_file_hashed(path: &Path) -> Result<(RouteSet, u64), StoreError> {
+    let bytes = std::fs::read(path).map_err(|source| StoreError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    parse_routes(&text).map_err(|message| StoreError::Invalid {
+    let hash = content_hash(&bytes);
+    let text = String::from_utf8(bytes).map_err(|_| StoreError::Invalid {
+        path: path.display().to_string(),
+        message: "not UTF-8".into(),
+    })?;
+    let set = parse_routes(&text).map_err(|message| StoreError::Invalid {
         path: path.display().to_string(),
         message,
-    })
+    })?;
+    Ok((set, hash))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,12 +194,14 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    pub fn new(path: PathBuf, interval: Duration) -> Self {
+    /// `loaded`: hash of the content already applied (from [`load_routes_file_hashed`]); the
+    /// store then emits nothing until the file changes.
+    pub fn new(path: PathBuf, interval: Duration, loaded: Option<u64>) -> Self {
         Self {
             path,
             interval,
             stamp: None,
-            hash: None,
+            hash: loaded,
             started: false,
         }
     }
@@ -307,7 +321,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, GOOD).unwrap();
-        let mut store = FileStore::new(path.clone(), Duration::from_millis(10));
+        let mut store = FileStore::new(path.clone(), Duration::from_millis(10), None);
         assert!(matches!(store.next().await, Ok(StoreEvent::Full(s)) if s.hosts.len() == 2));
 
         std::fs::write(&path, "broken [").unwrap();

@@ -29,6 +29,8 @@ use store::{RouteStore, StoreEvent};
 #[derive(Debug)]
 pub struct ControlParams {
     pub routes_path: PathBuf,
+    /// Content hash of the routes file already applied to `routes` at start.
+    pub routes_loaded_hash: Option<u64>,
     pub routes_poll: Duration,
     /// Where to write the access log; None: logging is off.
     pub access_log: Option<PathBuf>,
@@ -115,6 +117,13 @@ pub fn start(p: ControlParams) -> Result<ControlHandle, ControlError> {
         l.set_nonblocking(true).map_err(ControlError::Admin)?;
     }
     let stats = Arc::new(ControlStats::default());
+    if p.routes_loaded_hash.is_some() {
+        // The caller's initial load counts as the first successful load.
+        ControlStats::inc(&stats.route_loads_ok);
+        stats
+            .route_last_load_unix
+            .store(unix_now(), Ordering::Relaxed);
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let st = stats.clone();
     let thread = std::thread::Builder::new()
@@ -177,7 +186,8 @@ async fn run(
     stats: Arc<ControlStats>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let store = file_store::FileStore::new(p.routes_path.clone(), p.routes_poll);
+    let store =
+        file_store::FileStore::new(p.routes_path.clone(), p.routes_poll, p.routes_loaded_hash);
     tokio::spawn(follow_store(store, p.routes.clone(), stats.clone()));
 
     if let Some(l) = p.admin {
@@ -200,9 +210,10 @@ async fn run(
         let shutdown = p.shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
@@ -212,6 +223,11 @@ async fn run(
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
+                    _ = hup.recv() => {
+                        // Without a handler SIGHUP would kill the process without draining.
+                        tracing::info!("SIGHUP ignored: routes are reloaded when their file changes");
+                        continue;
+                    }
                 }
                 seen += 1;
                 if seen == 1 {

@@ -11,6 +11,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// An optional listen address: `"off"` (or `""`) turns the listener off, since TOML has no null.
+mod opt_addr {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::SocketAddr;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.trim() {
+            "" | "off" => Ok(None),
+            a => a.parse().map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
 /// Whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -75,7 +96,8 @@ impl Default for WorkersConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT). None: no listener.
+    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT); `"off"`: none.
+    #[serde(with = "opt_addr")]
     pub http: Option<SocketAddr>,
     /// listen(2) backlog of each worker's socket (capped by net.core.somaxconn).
     pub backlog: u32,
@@ -140,8 +162,9 @@ impl LimitsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
-    /// From the first byte of a request (or from accept, for the first request) to the end of
-    /// its head; over it 408 and close.
+    /// Time to receive a whole request head, counted from accept for the first request and
+    /// from its first byte for later ones. Over it: 408 and close if part of a head arrived; a
+    /// new connection that sent nothing is closed without an answer.
     pub header_read_ms: u64,
     /// How long an idle keep-alive client connection is kept.
     pub keepalive_idle_ms: u64,
@@ -150,7 +173,8 @@ pub struct TimeoutsConfig {
     /// connection gives its buffer back and waits for readability with no memory held.
     /// 0: always wait without a buffer.
     pub hot_read_ms: u64,
-    /// Longest wait for the next piece of a request body; over it the connection is closed.
+    /// Longest wait for the next piece of a request body; over it the client gets 408 (when
+    /// nothing of the response was sent yet) and the connection is closed.
     pub body_read_ms: u64,
     /// Longest wait for the client to take more response bytes; over it the connection closes.
     pub client_write_ms: u64,
@@ -315,7 +339,8 @@ impl Default for AccessLogConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Listener for /metrics and /healthz. None: no admin listener.
+    /// Listener for /metrics, /healthz and /readyz; `"off"`: none.
+    #[serde(with = "opt_addr")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -383,7 +408,7 @@ impl Config {
             l.headers_count_max,
             1,
             HEADER_SLOTS,
-            "1 to 128",
+            "1 to 128 (HEADER_SLOTS)",
         )?;
         range(
             "limits.buffer_bytes",
@@ -397,7 +422,57 @@ impl Config {
             l.connections_per_worker_max,
             1,
             10_000_000,
-            "at least 1",
+            "1 to 10,000,000",
+        )?;
+        range(
+            "limits.buffer_pool_max",
+            l.buffer_pool_max,
+            0,
+            1_000_000,
+            "0 to 1,000,000",
+        )?;
+        range(
+            "listen.backlog",
+            self.listen.backlog,
+            1,
+            1 << 20,
+            "1 to 1,048,576",
+        )?;
+        let u = &self.upstream;
+        range(
+            "upstream.idle_per_upstream_max",
+            u.idle_per_upstream_max,
+            0,
+            100_000,
+            "0 to 100,000",
+        )?;
+        range(
+            "upstream.idle_timeout_ms",
+            u.idle_timeout_ms,
+            1,
+            86_400_000,
+            "1 ms to 1 day",
+        )?;
+        range(
+            "upstream.stale_check_idle_ms",
+            u.stale_check_idle_ms,
+            0,
+            86_400_000,
+            "0 to 1 day",
+        )?;
+        range(
+            "routes.poll_interval_ms",
+            self.routes.poll_interval_ms,
+            10,
+            3_600_000,
+            "10 ms to 1 hour",
+        )?;
+        range(
+            "access_log.drain_interval_ms",
+            self.access_log.drain_interval_ms,
+            1,
+            60_000,
+            "1 ms to 1 minute",
         )?;
         range(
             "workers.uring_entries",
@@ -426,6 +501,20 @@ impl Config {
         ] {
             range(key, v, 1, 86_400_000, "1 ms to 1 day")?;
         }
+        range(
+            "timeouts.hot_read_ms",
+            t.hot_read_ms,
+            0,
+            60_000,
+            "0 to 1 minute",
+        )?;
+        range(
+            "timeouts.shutdown_grace_ms",
+            t.shutdown_grace_ms,
+            0,
+            3_600_000,
+            "0 to 1 hour",
+        )?;
         if self.listen.http.is_none() {
             return Err(ConfigError::NoListener);
         }
@@ -470,6 +559,21 @@ mod tests {
         assert_eq!(c.limits.header_bytes_max, 32 * 1024);
         assert_eq!(c.headers.trusted_proxies.len(), 2);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn listeners_can_be_turned_off() {
+        let c: Config = toml::from_str("[admin]\nlisten = \"off\"\n").unwrap();
+        assert_eq!(c.admin.listen, None);
+        let c: Config = toml::from_str("[listen]\nhttp = \"off\"\n").unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::NoListener));
+        assert!(toml::from_str::<Config>("[listen]\nhttp = \"nonsense\"\n").is_err());
+        let mut c = Config::default();
+        c.access_log.drain_interval_ms = 0;
+        assert!(
+            c.validate().is_err(),
+            "a zero interval would panic the timer"
+        );
     }
 
     #[test]

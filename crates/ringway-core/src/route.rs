@@ -51,7 +51,13 @@ pub fn normalize_pattern(pattern: &str) -> Result<String, PatternError> {
         Some(rest) => (true, rest),
         None => (false, pattern),
     };
-    if rest.contains(['*', ':']) && !rest.starts_with('[') {
+    // Patterns name hosts, never ports: `example.com:8080` and `[::1]:80` are refused rather
+    // than silently matched on every port.
+    let port = match rest.rfind(']') {
+        Some(close) => rest[close..].contains(':'),
+        None => rest.contains(':'),
+    };
+    if rest.contains('*') || port {
         return Err(err());
     }
     let mut buf = [0u8; HOST_BYTES_MAX];
@@ -263,6 +269,9 @@ mod tests {
         assert!(normalize_pattern("a.*.com").is_err());
         assert!(normalize_pattern("*").is_err());
         assert!(normalize_pattern("").is_err());
+        assert!(normalize_pattern("a.com:8080").is_err());
+        assert!(normalize_pattern("[::1]:80").is_err());
+        assert_eq!(normalize_pattern("[::1]").unwrap(), "[::1]");
     }
 
     #[test]

@@ -2,9 +2,14 @@
 //! (pipelined requests are answered in order because the next is only read after the previous
 //! response is written), and handing off to a tunnel after an upgrade.
 //!
-//! While idle a connection holds no buffer: it waits for readability (a poll, which owns no
-//! memory) and takes a buffer from the worker's pool only when bytes arrive. An idle keep-alive
-//! connection therefore costs its task and socket, not a 16 KiB read buffer.
+//! A connection alternates between two states:
+//! - **busy** (`busy`): exchanges, and between them a read posted with a pooled buffer for up
+//!   to `timeouts.hot_read_ms`, so a loaded keep-alive connection costs one io_uring operation
+//!   per request. This state lives in one heap allocation per busy period, freed when the
+//!   connection goes quiet.
+//! - **idle** (`idle_wait`): no buffer, no timer of its own; a readability poll, the worker's
+//!   shutdown event and a coarse deadline. An idle keep-alive connection costs its small task
+//!   and its socket, not a 16 KiB read buffer (see the size test below).
 
 use crate::access;
 use crate::io::{RecvBuf, Timed};
@@ -12,71 +17,166 @@ use crate::proxy::{self, Client, Next, Upgraded};
 use crate::stream;
 use crate::worker::Worker;
 use monoio::net::TcpStream;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// How a busy period ended.
+enum Busy {
+    /// No request within the hot-read time: wait without a buffer.
+    Quiet,
+    Close,
+    Upgrade(Box<Upgraded>),
+}
+
 /// Serves a freshly accepted connection until it closes.
-pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted: Instant) {
+pub fn serve(
+    w: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+) -> impl Future<Output = ()> {
+    // Not async itself: an async fn would keep its arguments beside the `Client` built from
+    // them, and this future is what every idle connection costs.
     let _ = stream.set_nodelay(true);
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
-    let mut c = Client {
+    let c = Client {
         io: Timed::new(stream),
         peer,
         trusted,
         rb: RecvBuf::default(),
     };
-    let max = w.settings.requests_per_connection_max;
+    serve_client(w, c, accepted)
+}
+
+async fn serve_client(w: Rc<Worker>, mut c: Client, accepted: Instant) {
     let mut served = 0u64;
-    // The first request's head must arrive within the header timeout of the accept.
-    let mut deadline = accepted + w.settings.header_read;
+    // A new connection starts busy: its first request is usually already on the way.
+    let mut readable = false;
     let upgraded = loop {
-        if !c.rb.has_unread() {
-            let wait = if served == 0 {
-                deadline.saturating_duration_since(Instant::now())
-            } else {
-                w.settings.keepalive_idle
-            };
-            if let Wait::Done = wait_for_request(&w, &mut c, wait).await {
-                break None;
-            }
+        match Box::pin(busy(&w, &mut c, &mut served, accepted, readable)).await {
+            Busy::Quiet => {}
+            Busy::Close => break None,
+            Busy::Upgrade(u) => break Some(u),
         }
-        if served > 0 {
-            deadline = Instant::now() + w.settings.header_read;
+        if c.rb.buf.capacity() > 0 {
+            w.bufs.put(std::mem::take(&mut c.rb.buf));
+            c.rb = RecvBuf::default();
         }
-        served += 1;
-        let last = max != 0 && served >= max;
-        match Box::pin(proxy::exchange(&w, &mut c, deadline, last)).await {
-            Next::KeepAlive if !last && !w.shutdown.is_fired() => {}
-            Next::Upgrade(u) => break Some(u),
-            Next::Linger => {
-                Box::pin(linger(&w, &mut c)).await;
-                break None;
-            }
-            _ => break None,
+        c.io.release();
+        // The first request's head is due within the header timeout of the accept; later ones
+        // may come within the keep-alive time.
+        let wait = if served == 0 {
+            (accepted + w.settings.header_read).saturating_duration_since(Instant::now())
+        } else {
+            w.settings.keepalive_idle
+        };
+        tracing::debug!(worker = w.id, peer = %c.peer, ?wait, "idle wait");
+        if !idle_wait(&w, &c.io.io, wait).await {
+            break None;
         }
+        readable = true;
     };
-    tracing::debug!(worker = w.id, %peer, served, "closing connection");
+    tracing::debug!(worker = w.id, peer = %c.peer, served, "closing connection");
     let Client { io, rb, .. } = c;
-    if let Some(u) = upgraded {
-        let Upgraded { upstream, mut ex } = *u;
-        let bufs = (w.bufs.take(), w.bufs.take());
-        let (t, (a, b)) = Box::pin(stream::tunnel(
-            io.io,
-            upstream,
-            bufs,
-            w.settings.tunnel_idle,
-            w.settings.client_write,
-        ))
-        .await;
-        w.bufs.put(a);
-        w.bufs.put(b);
-        ex.bytes_in += t.client_to_upstream;
-        ex.bytes_out += t.upstream_to_client;
-        ex.finish(&w, &rb.buf);
-    }
+    let rb = match upgraded {
+        Some(u) => Box::pin(tunnel(&w, io, rb, u)).await,
+        None => rb,
+    };
     if rb.buf.capacity() > 0 {
         w.bufs.put(rb.buf);
+    }
+}
+
+/// Relays an upgraded connection, then logs the exchange that started it (its head is still
+/// in `rb`). Returns `rb` for recycling.
+async fn tunnel(w: &Worker, io: Timed<TcpStream>, rb: RecvBuf, u: Box<Upgraded>) -> RecvBuf {
+    let Upgraded { upstream, mut ex } = *u;
+    let bufs = (w.bufs.take(), w.bufs.take());
+    let (t, (a, b)) = stream::tunnel(
+        io.io,
+        upstream,
+        bufs,
+        w.settings.tunnel_idle,
+        w.settings.client_write,
+    )
+    .await;
+    w.bufs.put(a);
+    w.bufs.put(b);
+    ex.bytes_in += t.client_to_upstream;
+    ex.bytes_out += t.upstream_to_client;
+    ex.finish(w, &rb.buf);
+    rb
+}
+
+/// Connections of one worker that may wait with a posted read buffer at once; beyond it (a
+/// burst of new or just-served connections) they go straight to the idle wait. Bounds the
+/// memory a connection storm can pin to `HOT_READERS_MAX * limits.buffer_bytes` per worker.
+pub const HOT_READERS_MAX: usize = 1024;
+
+/// Exchanges until the connection closes, upgrades, or stays quiet for the hot-read time.
+/// `readable`: the idle wait saw bytes arrive, so the first exchange reads them directly.
+async fn busy(
+    w: &Worker,
+    c: &mut Client,
+    served: &mut u64,
+    accepted: Instant,
+    mut readable: bool,
+) -> Busy {
+    let max = w.settings.requests_per_connection_max;
+    loop {
+        let deadline = if *served == 0 {
+            accepted + w.settings.header_read
+        } else {
+            Instant::now() + w.settings.header_read
+        };
+        if !c.rb.has_unread() && !std::mem::take(&mut readable) {
+            match hot_read(w, c, deadline).await {
+                Hot::Data => {}
+                Hot::Quiet => return Busy::Quiet,
+                Hot::Closed => return Busy::Close,
+            }
+        }
+        *served += 1;
+        let last = max != 0 && *served >= max;
+        match proxy::exchange(w, c, deadline, last).await {
+            Next::KeepAlive if !last && !w.shutdown.is_fired() => {}
+            Next::Upgrade(u) => return Busy::Upgrade(u),
+            Next::Linger => {
+                linger(w, c).await;
+                return Busy::Close;
+            }
+            _ => return Busy::Close,
+        }
+    }
+}
+
+enum Hot {
+    Data,
+    Quiet,
+    Closed,
+}
+
+/// Reads with a posted buffer for up to `hot_read` (bounded by `deadline` for a first request).
+async fn hot_read(w: &Worker, c: &mut Client, deadline: Instant) -> Hot {
+    let hot = w.settings.hot_read;
+    if hot.is_zero() || w.shutdown.is_fired() || w.hot_readers.get() >= HOT_READERS_MAX {
+        return Hot::Quiet;
+    }
+    let until = deadline.min(Instant::now() + hot);
+    if c.rb.buf.capacity() == 0 {
+        c.rb = RecvBuf::new(w.bufs.take());
+    }
+    w.hot_readers.set(w.hot_readers.get() + 1);
+    let r =
+        c.io.fill_until(&mut c.rb, 1024, w.deadlines.at(until))
+            .await;
+    w.hot_readers.set(w.hot_readers.get() - 1);
+    match r {
+        Ok(_) => Hot::Data,
+        Err(crate::error::IoFail::Timeout) => Hot::Quiet,
+        Err(_) => Hot::Closed,
     }
 }
 
@@ -112,51 +212,68 @@ async fn linger(w: &Worker, c: &mut Client) {
     }
 }
 
-enum Wait {
-    /// Bytes are in the receive buffer.
-    Data,
-    /// The socket is readable; nothing read yet.
-    Readable,
-    /// Timeout, shutdown, EOF or error: close the connection.
-    Done,
-}
-
-/// Waits for the next request. A connection that was just busy reads with a posted buffer for
-/// up to `hot_read` (one operation per request under load); then it returns the buffer to the
-/// pool and waits for readability, holding no memory while idle.
-async fn wait_for_request(w: &Worker, c: &mut Client, wait: Duration) -> Wait {
-    let hot = w.settings.hot_read.min(wait);
-    if !hot.is_zero() && !w.shutdown.is_fired() {
-        if c.rb.buf.capacity() == 0 {
-            c.rb = RecvBuf::new(w.bufs.take());
-        }
-        match c.io.fill(&mut c.rb, 1024, hot).await {
-            Ok(_) => return Wait::Data,
-            Err(crate::error::IoFail::Timeout) => {}
-            Err(_) => return Wait::Done,
-        }
-    }
-    if c.rb.buf.capacity() > 0 {
-        w.bufs.put(std::mem::take(&mut c.rb.buf));
-        c.rb = RecvBuf::default();
-    }
-    tracing::debug!(worker = w.id, peer = %c.peer, ?wait, "idle wait");
-    if idle_wait(w, &c.io.io, wait.saturating_sub(hot)).await {
-        Wait::Readable
-    } else {
-        Wait::Done
-    }
-}
-
 /// Waits until the client sends something. False on timeout, shutdown or a socket error.
 async fn idle_wait(w: &Worker, s: &TcpStream, dur: Duration) -> bool {
     if w.shutdown.is_fired() || dur.is_zero() {
         return false;
     }
-    monoio::select! {
-        biased;
-        r = s.readable(false) => r.is_ok(),
-        _ = w.shutdown.wait() => false,
-        _ = monoio::time::sleep(dur) => false,
+    // Polled by hand rather than with select!, whose bookkeeping would double the size of
+    // every idle connection's task.
+    let mut readable = std::pin::pin!(s.readable(false));
+    let mut shutdown = std::pin::pin!(w.shutdown.wait());
+    let mut deadline = std::pin::pin!(w.deadlines.after(dur));
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(r) = readable.as_mut().poll(cx) {
+            return std::task::Poll::Ready(r.is_ok());
+        }
+        if shutdown.as_mut().poll(cx).is_ready() || deadline.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(false);
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Settings;
+    use ringway_core::{RouteTable, WorkerStats};
+    use std::sync::Arc;
+
+    /// An idle keep-alive connection costs its task: the connection future must stay small
+    /// (the per-request work is boxed separately and freed between requests).
+    #[test]
+    fn connection_future_is_small() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let w = Rc::new(Worker::new(
+                0,
+                Settings::from_config(&ringway_core::Config::default()),
+                Arc::new(RouteTable::new()),
+                Arc::new(WorkerStats::new()),
+                None,
+            ));
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let _c = std::net::TcpStream::connect(addr).unwrap();
+            let (s, peer) = l.accept().await.unwrap();
+            let fut = serve(w.clone(), s, peer, Instant::now());
+            let conn = std::mem::size_of_val(&fut);
+            let mut c = Client {
+                io: Timed::new(monoio::net::TcpStream::connect_addr(addr).await.unwrap()),
+                peer,
+                trusted: false,
+                rb: RecvBuf::default(),
+            };
+            let ex = proxy::exchange(&w, &mut c, Instant::now(), false);
+            let exchange = std::mem::size_of_val(&ex);
+            drop(ex);
+            eprintln!("connection future {conn} bytes, exchange future {exchange} bytes");
+            assert!(conn <= 768, "connection future is {conn} bytes");
+        });
     }
 }

@@ -9,14 +9,23 @@
 use crate::error::IoFail;
 use monoio::buf::{Slice, SliceMut};
 use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::time::Duration;
 
+/// Free buffers a pool keeps through a trim however quiet the worker is.
+pub const BUF_POOL_FLOOR: usize = 16;
+
 /// A worker's pool of I/O buffers, so that requests reuse memory instead of allocating it.
+///
+/// After a burst the pool would hold as many buffers as the burst needed; `trim` (called once
+/// a second) frees those that stayed unused for the whole period, so memory follows the load
+/// back down.
 #[derive(Debug)]
 pub struct BufPool {
     free: RefCell<Vec<Vec<u8>>>,
+    /// Fewest free buffers seen since the last trim: that many were never needed.
+    low_water: Cell<usize>,
     buffer_bytes: usize,
     pool_max: usize,
 }
@@ -25,6 +34,7 @@ impl BufPool {
     pub fn new(buffer_bytes: usize, pool_max: usize) -> Self {
         Self {
             free: RefCell::new(Vec::new()),
+            low_water: Cell::new(0),
             buffer_bytes,
             pool_max,
         }
@@ -32,14 +42,34 @@ impl BufPool {
 
     /// An empty buffer with at least `buffer_bytes` of capacity.
     pub fn take(&self) -> Vec<u8> {
-        match self.free.borrow_mut().pop() {
+        let mut free = self.free.borrow_mut();
+        let b = free.pop();
+        if free.len() < self.low_water.get() {
+            self.low_water.set(free.len());
+        }
+        match b {
             Some(b) => b,
             None => Vec::with_capacity(self.buffer_bytes),
         }
     }
 
-    /// Returns a buffer. Buffers that grew (large heads) are freed rather than kept, so the
-    /// pool's memory stays `pool_max * buffer_bytes` at most.
+    /// Frees the buffers that stayed unused since the last trim, keeping `BUF_POOL_FLOOR`.
+    pub fn trim(&self) {
+        let mut free = self.free.borrow_mut();
+        let unused = self.low_water.get().min(free.len());
+        let keep = (free.len() - unused).max(BUF_POOL_FLOOR.min(free.len()));
+        free.truncate(keep);
+        free.shrink_to(BUF_POOL_FLOOR.max(keep));
+        self.low_water.set(free.len());
+    }
+
+    /// Buffers waiting in the pool.
+    pub fn free_count(&self) -> usize {
+        self.free.borrow().len()
+    }
+
+    /// Returns a buffer. Buffers that grew past twice `buffer_bytes` (large heads) are freed
+    /// rather than kept, so the pool holds at most `pool_max * 2 * buffer_bytes`.
     pub fn put(&self, mut b: Vec<u8>) {
         if b.capacity() < self.buffer_bytes || b.capacity() > 2 * self.buffer_bytes {
             return;
@@ -114,31 +144,34 @@ impl RecvBuf {
     }
 }
 
-/// Runs an I/O future with a timeout. On timeout the operation is cancelled through
+/// Runs an I/O future until `timeout` resolves. On timeout the operation is cancelled through
 /// `canceller` and awaited to completion, so the buffer comes back.
-async fn timed<F, T>(
+async fn timed<F, T, D>(
     fut: F,
     canceller: &mut Canceller,
-    dur: Duration,
+    timeout: D,
 ) -> (monoio::BufResult<usize, T>, bool)
 where
     F: Future<Output = monoio::BufResult<usize, T>>,
+    D: Future<Output = ()>,
 {
     let mut fut = std::pin::pin!(fut);
     monoio::select! {
         biased;
         r = &mut fut => (r, false),
-        _ = monoio::time::sleep(dur) => {
+        _ = timeout => {
             *canceller = std::mem::take(canceller).cancel();
             (fut.await, true)
         }
     }
 }
 
-/// A socket with a reusable canceller for timed operations.
+/// A socket with a reusable canceller for timed operations. The canceller (two small heap
+/// allocations) is created on first use and dropped by [`Timed::release`] when the connection
+/// goes idle, so idle connections do not carry it.
 pub struct Timed<S> {
     pub io: S,
-    canceller: Canceller,
+    canceller: Option<Canceller>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Timed<S> {
@@ -153,8 +186,13 @@ impl<S> Timed<S> {
     pub fn new(io: S) -> Self {
         Self {
             io,
-            canceller: Canceller::new(),
+            canceller: None,
         }
+    }
+
+    /// Drops the canceller (no operation may be in flight): the connection is going idle.
+    pub fn release(&mut self) {
+        self.canceller = None;
     }
 }
 
@@ -166,17 +204,23 @@ impl<S: CancelableAsyncReadRent> Timed<S> {
         buf: Vec<u8>,
         dur: Duration,
     ) -> (Result<usize, IoFail>, Vec<u8>) {
+        self.read_append_until(buf, monoio::time::sleep(dur)).await
+    }
+
+    /// [`Timed::read_append`] with any timeout future (a coarse [`crate::deadline`], say).
+    pub async fn read_append_until<D: Future<Output = ()>>(
+        &mut self,
+        buf: Vec<u8>,
+        timeout: D,
+    ) -> (Result<usize, IoFail>, Vec<u8>) {
         let len = buf.len();
         let cap = buf.capacity();
         debug_assert!(cap > len, "read into a full buffer");
         let slice = SliceMut::new(buf, len, cap);
-        let handle = self.canceller.handle();
-        let ((res, slice), timed_out) = timed(
-            self.io.cancelable_read(slice, handle),
-            &mut self.canceller,
-            dur,
-        )
-        .await;
+        let canceller = self.canceller.get_or_insert_with(Canceller::new);
+        let handle = canceller.handle();
+        let ((res, slice), timed_out) =
+            timed(self.io.cancelable_read(slice, handle), canceller, timeout).await;
         let buf = slice.into_inner();
         match res {
             Ok(n) => (Ok(n), buf),
@@ -192,8 +236,21 @@ impl<S: CancelableAsyncReadRent> Timed<S> {
         min_free: usize,
         dur: Duration,
     ) -> Result<usize, IoFail> {
+        self.fill_until(rb, min_free, monoio::time::sleep(dur))
+            .await
+    }
+
+    /// [`Timed::fill`] with any timeout future.
+    pub async fn fill_until<D: Future<Output = ()>>(
+        &mut self,
+        rb: &mut RecvBuf,
+        min_free: usize,
+        timeout: D,
+    ) -> Result<usize, IoFail> {
         rb.prepare_read(min_free);
-        let (res, buf) = self.read_append(std::mem::take(&mut rb.buf), dur).await;
+        let (res, buf) = self
+            .read_append_until(std::mem::take(&mut rb.buf), timeout)
+            .await;
         rb.buf = buf;
         match res {
             Ok(0) => Err(IoFail::Closed),
@@ -215,11 +272,12 @@ impl<S: CancelableAsyncWriteRent> Timed<S> {
         let mut pos = start;
         while pos < end {
             let slice = Slice::new(buf, pos, end);
-            let handle = self.canceller.handle();
+            let canceller = self.canceller.get_or_insert_with(Canceller::new);
+            let handle = canceller.handle();
             let ((res, slice), timed_out) = timed(
                 self.io.cancelable_write(slice, handle),
-                &mut self.canceller,
-                dur,
+                canceller,
+                monoio::time::sleep(dur),
             )
             .await;
             buf = slice.into_inner();
@@ -241,5 +299,36 @@ impl<S: CancelableAsyncWriteRent> Timed<S> {
     ) -> (Result<(), IoFail>, Vec<u8>) {
         let end = buf.len();
         self.write_range(buf, 0, end, dur).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_trims_what_a_burst_left_behind() {
+        let p = BufPool::new(4096, 1000);
+        let burst: Vec<_> = (0..200).map(|_| p.take()).collect();
+        for b in burst {
+            p.put(b);
+        }
+        assert_eq!(p.free_count(), 200);
+        p.trim(); // the burst happened in this period: all 200 were needed
+        assert_eq!(p.free_count(), 200);
+        // A quiet period with at most 5 buffers in use at once.
+        for _ in 0..10 {
+            let b: Vec<_> = (0..5).map(|_| p.take()).collect();
+            for x in b {
+                p.put(x);
+            }
+        }
+        p.trim();
+        assert_eq!(p.free_count(), BUF_POOL_FLOOR.max(5));
+        // Grown buffers are not kept.
+        let mut big = p.take();
+        big.reserve(100_000);
+        p.put(big);
+        assert_eq!(p.free_count(), BUF_POOL_FLOOR.max(5) - 1);
     }
 }

@@ -13,6 +13,7 @@
 pub mod accept;
 pub mod access;
 pub mod conn;
+pub mod deadline;
 pub mod error;
 pub mod event;
 pub mod headers;

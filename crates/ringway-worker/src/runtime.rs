@@ -19,9 +19,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// How often a worker looks at the process shutdown flag.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
-/// How often a worker sweeps expired idle upstream connections.
+/// How often a worker sweeps expired idle upstream connections and trims its buffer pool.
 const POOL_SWEEP: Duration = Duration::from_millis(1000);
 
 /// A worker that could not start.
@@ -68,6 +66,9 @@ pub struct WorkerSpec {
     pub uring_entries: u32,
     pub uring_coop_taskrun: bool,
     pub uring_defer_taskrun: bool,
+    /// Called once a second on each worker thread when it trims its pools: lets the binary ask
+    /// its allocator to return memory a burst left behind (None: nothing to do).
+    pub allocator_trim: Option<fn()>,
 }
 
 /// Which cores workers are pinned to: `None` per worker when pinning is off.
@@ -231,6 +232,7 @@ async fn worker_main(spec: WorkerSpec) {
         log,
         shutdown,
         shutdown_grace,
+        allocator_trim,
         ..
     } = spec;
     let listener = match monoio::net::TcpListener::from_std(listener) {
@@ -242,21 +244,29 @@ async fn worker_main(spec: WorkerSpec) {
     };
     let w = Rc::new(Worker::new(id, settings, routes, stats, log));
 
-    // Housekeeping: notice shutdown, sweep the pool, publish the idle gauge.
+    // Housekeeping, every deadline tick: advance connection deadlines, notice shutdown; once
+    // a second: sweep the upstream pool, trim the buffer pool, publish the idle gauge.
     let hk = w.clone();
     monoio::spawn(async move {
         let mut last_sweep = Instant::now();
+        let mut stopping = false;
         loop {
-            monoio::time::sleep(SHUTDOWN_POLL).await;
-            if shutdown.is_requested() {
+            monoio::time::sleep(crate::deadline::TICK).await;
+            let now = Instant::now();
+            hk.deadlines.advance(now);
+            if !stopping && shutdown.is_requested() {
+                stopping = true;
                 hk.shutdown.fire();
-                break;
             }
-            if last_sweep.elapsed() >= POOL_SWEEP {
-                let now = Instant::now();
+            if now.duration_since(last_sweep) >= POOL_SWEEP {
                 let mut pool = hk.pool.borrow_mut();
                 pool.sweep(now);
                 hk.stats.upstream_idle.set(pool.idle_count() as u64);
+                drop(pool);
+                hk.bufs.trim();
+                if let Some(trim) = allocator_trim {
+                    trim();
+                }
                 last_sweep = now;
             }
         }

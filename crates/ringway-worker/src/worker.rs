@@ -3,6 +3,7 @@
 //! thread except through the atomics in `stats` and the route table.
 
 use crate::access::RequestIdGen;
+use crate::deadline::Deadlines;
 use crate::event::{LocalEvent, LocalSignal};
 use crate::io::BufPool;
 use crate::pool::Pool;
@@ -28,6 +29,10 @@ pub struct Worker {
     /// Signalled when a connection closes, for an accept loop paused at the connection cap.
     pub slot_freed: LocalSignal,
     pub active: Cell<usize>,
+    /// Coarse deadlines of connections waiting for their next request.
+    pub deadlines: Deadlines,
+    /// Connections currently reading with a posted buffer (see `conn::HOT_READERS_MAX`).
+    pub hot_readers: Cell<usize>,
 }
 
 impl Worker {
@@ -57,6 +62,8 @@ impl Worker {
             shutdown: LocalEvent::default(),
             slot_freed: LocalSignal::default(),
             active: Cell::new(0),
+            deadlines: Deadlines::default(),
+            hot_readers: Cell::new(0),
         }
     }
 

@@ -43,6 +43,9 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
 pub struct Options {
     /// Install SIGTERM/SIGINT handlers (the binary does; in-process tests do not).
     pub handle_signals: bool,
+    /// Run on each worker thread once a second: returns memory freed after a burst to the
+    /// system (the binary passes mimalloc's collector).
+    pub allocator_trim: Option<fn()>,
 }
 
 /// A running proxy.
@@ -99,7 +102,7 @@ impl Drop for Running {
 pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Running> {
     config.validate()?;
     let routes_path = resolve(base, &config.routes.file);
-    let initial = ringway_control::file_store::load_routes_file(&routes_path)
+    let (initial, routes_hash) = ringway_control::file_store::load_routes_file_hashed(&routes_path)
         .with_context(|| "loading routes (the file store is the route source)")?;
     let routes = Arc::new(RouteTable::new());
     routes.apply(&initial);
@@ -140,6 +143,7 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
 
     let control = ringway_control::start(ControlParams {
         routes_path,
+        routes_loaded_hash: Some(routes_hash),
         routes_poll: Duration::from_millis(config.routes.poll_interval_ms),
         access_log: config
             .access_log
@@ -173,6 +177,7 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
             uring_entries: config.workers.uring_entries,
             uring_coop_taskrun: config.workers.uring_coop_taskrun,
             uring_defer_taskrun: config.workers.uring_defer_taskrun,
+            allocator_trim: opts.allocator_trim,
         })
         .collect();
     let workers = match ringway_worker::start(specs) {

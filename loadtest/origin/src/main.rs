@@ -4,13 +4,20 @@
 //! - `GET /` (or any other path): a 13-byte body;
 //! - `GET /bytes/N`: N bytes of body (e.g. `/bytes/1048576` for the 1 MiB scenario);
 //! - `POST`/`PUT` anything: reads the body (Content-Length or chunked, not validated beyond
-//!   what is needed to find its end) and answers with its size.
+//!   what is needed to find its end) and answers with its size;
+//! - `GET /__stats`: connections accepted and requests answered so far (the load test derives
+//!   upstream connections per 1,000 requests from it).
 //!
 //! It is built to never be the bottleneck of a proxy benchmark, not to be a correct server.
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{TcpListener, TcpStream};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Connections accepted and requests answered, over all threads (`GET /__stats`).
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -90,6 +97,7 @@ fn main() {
                 };
                 loop {
                     if let Ok((s, _)) = l.accept().await {
+                        CONNECTIONS.fetch_add(1, Ordering::Relaxed);
                         let _ = s.set_nodelay(true);
                         monoio::spawn(serve(s));
                     }
@@ -197,7 +205,15 @@ async fn serve(mut s: TcpStream) {
                 .unwrap_or(SMALL.len())
         };
         let mut head = Vec::with_capacity(256);
-        let body_small: Vec<u8> = if content_length > 0 || chunked {
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
+        let body_small: Vec<u8> = if path == "/__stats" {
+            format!(
+                "connections={} requests={}\n",
+                CONNECTIONS.load(Ordering::Relaxed),
+                REQUESTS.load(Ordering::Relaxed)
+            )
+            .into_bytes()
+        } else if content_length > 0 || chunked {
             format!("received {body}\n").into_bytes()
         } else if size == SMALL.len() && !path.starts_with("/bytes/") {
             SMALL.to_vec()

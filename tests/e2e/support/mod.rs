@@ -67,6 +67,7 @@ impl TestProxy {
             dir.path(),
             ringway::Options {
                 handle_signals: false,
+                allocator_trim: None,
             },
         )
         .unwrap();

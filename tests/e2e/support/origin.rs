@@ -63,6 +63,8 @@ struct Shared {
     connections: AtomicUsize,
     closed_early: AtomicUsize,
     stop: AtomicBool,
+    /// Do not keep request records (tests that count heap bytes).
+    unrecorded: AtomicBool,
 }
 
 /// A test upstream.
@@ -73,6 +75,13 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// An origin that keeps no record of requests.
+    pub fn start_unrecorded() -> Origin {
+        let o = Self::start();
+        o.shared.unrecorded.store(true, Ordering::Relaxed);
+        o
+    }
+
     pub fn start() -> Origin {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -289,7 +298,9 @@ fn serve(conn: TcpStream, id: usize, s: &Shared) {
             return;
         };
         rec.body_len = body_len;
-        s.requests.lock().unwrap().push(rec);
+        if !s.unrecorded.load(Ordering::Relaxed) {
+            s.requests.lock().unwrap().push(rec);
+        }
         let head_req = head.method == "HEAD";
         let res = respond(&mut w, &head, &path, &echo, body_len, sum, head_req);
         match res {
