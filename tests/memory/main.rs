@@ -76,8 +76,10 @@ fn an_idle_keep_alive_connection_costs_at_most_1100_bytes_of_heap() {
     let client_side = N as isize * (64 * 1024);
     let per_conn = (after - before - client_side) as f64 / N as f64;
     eprintln!("proxy heap per idle keep-alive connection: {per_conn:.0} bytes");
+    // Today: the connection task (~840 B), its socket handle, and its entries in the worker's
+    // deadline wheel, shutdown waiters and io_uring op table.
     assert!(
-        per_conn < 1024.0,
+        per_conn <= 1100.0,
         "an idle connection costs {per_conn:.0} bytes of heap"
     );
     drop(conns);
