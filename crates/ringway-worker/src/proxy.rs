@@ -192,11 +192,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
         Ok(None) => return Next::Close,
         Err(rej) => {
             w.stats.client_errors.inc();
-            let mut out = w.bufs.take();
-            respond_error(w, c, &mut ex, &mut out, rej, false).await;
-            w.bufs.put(out);
-            ex.finish(w, &c.rb.buf);
-            return Next::Linger;
+            return reject(w, c, &mut ex, w.bufs.take(), rej, false).await;
         }
     };
     ex.bytes_in = head_len as u64;
@@ -208,16 +204,11 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
         Ok(x) => x,
         Err((rej, req)) => {
             w.stats.client_errors.inc();
-            out.clear();
             let head_only = req.is_some_and(|r| r.method == Method::Head);
             let body = req.is_some_and(|r| r.meta.framing != BodyFraming::None);
             let close = rej.close || body || last || req.is_none_or(|r| !r.meta.keep_alive);
-            respond_error(w, c, &mut ex, &mut out, Reject { close, ..rej }, head_only).await;
-            w.bufs.put(out);
             c.rb.consume(head_len);
-            ex.finish(w, &c.rb.buf);
-            c.rb.compact();
-            return if close { Next::Linger } else { Next::KeepAlive };
+            return reject(w, c, &mut ex, out, Reject { close, ..rej }, head_only).await;
         }
     };
     ex.target = Some(target);
@@ -328,21 +319,12 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
                 // Nobody left to answer.
                 return abort(w, c, &mut ex, out, e.reason(), 499);
             }
-            out.clear();
             let rej = Reject {
                 status: e.status(),
                 reason: e.reason(),
                 close: !body_sent || last || !req.meta.keep_alive,
             };
-            respond_error(w, c, &mut ex, &mut out, rej, req.method == Method::Head).await;
-            w.bufs.put(out);
-            ex.finish(w, &c.rb.buf);
-            c.rb.compact();
-            return if rej.close {
-                Next::Linger
-            } else {
-                Next::KeepAlive
-            };
+            return reject(w, c, &mut ex, out, rej, req.method == Method::Head).await;
         }
     };
     out.clear();
@@ -353,22 +335,13 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
             Ok(p) => p,
             Err(e) => {
                 w.bufs.put(ubuf.buf);
-                out.clear();
                 ex.reason = e.reason();
                 let rej = Reject {
                     status: 502,
                     reason: e.reason(),
                     close: last || !req.meta.keep_alive || !body_sent,
                 };
-                respond_error(w, c, &mut ex, &mut out, rej, req.method == Method::Head).await;
-                w.bufs.put(out);
-                ex.finish(w, &c.rb.buf);
-                c.rb.compact();
-                return if rej.close {
-                    Next::Linger
-                } else {
-                    Next::KeepAlive
-                };
+                return reject(w, c, &mut ex, out, rej, req.method == Method::Head).await;
             }
         };
         if !plan.interim {
@@ -908,33 +881,40 @@ fn plan_response(
     })
 }
 
-/// Writes an error page the proxy generates itself.
-async fn respond_error(
+/// Answers with an error page the proxy generates itself and ends the exchange: the page is
+/// written, the exchange counted and logged, the consumed bytes dropped. Closing (`Linger`)
+/// unless the request was fully read and the connection may stay open.
+async fn reject(
     w: &Worker,
     c: &mut Client,
     ex: &mut Exchange,
-    out: &mut Vec<u8>,
+    mut out: Vec<u8>,
     rej: Reject,
     head_only: bool,
-) {
+) -> Next {
     ex.status = rej.status;
     if ex.reason.is_empty() {
         ex.reason = rej.reason;
     }
+    out.clear();
     write_error_page(
-        out,
+        &mut out,
         rej.status,
         ex.request_id(),
         ex.json,
         rej.close,
         head_only,
     );
-    let (r, b) =
-        c.io.write_all(std::mem::take(out), w.settings.client_write)
-            .await;
-    *out = b;
+    let (r, out) = c.io.write_all(out, w.settings.client_write).await;
     if r.is_ok() {
         ex.bytes_out += out.len() as u64;
     }
-    out.clear();
+    w.bufs.put(out);
+    ex.finish(w, &c.rb.buf);
+    c.rb.compact();
+    if rej.close {
+        Next::Linger
+    } else {
+        Next::KeepAlive
+    }
 }
