@@ -40,7 +40,8 @@ pub struct ControlParams {
     pub worker_stats: Vec<Arc<WorkerStats>>,
     pub shutdown: Arc<Shutdown>,
     pub admin: Option<std::net::TcpListener>,
-    /// Install SIGTERM/SIGINT handlers (off for in-process tests).
+    /// Install the SIGTERM/SIGINT (drain) and SIGHUP (ignore) handlers; off for in-process
+    /// tests.
     pub handle_signals: bool,
 }
 

@@ -96,7 +96,9 @@ impl Default for WorkersConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT); `"off"`: none.
+    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT). `"off"` parses, but
+    /// with no other listener (HTTPS comes later) validation refuses a proxy that listens
+    /// nowhere.
     #[serde(with = "opt_addr")]
     pub http: Option<SocketAddr>,
     /// listen(2) backlog of each worker's socket (capped by net.core.somaxconn).
@@ -162,11 +164,13 @@ impl LimitsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
-    /// Time to receive a whole request head, counted from accept for the first request and
-    /// from its first byte for later ones. Over it: 408 and close if part of a head arrived; a
-    /// new connection that sent nothing is closed without an answer.
+    /// Time to receive a whole request head: counted from accept for the first request; for
+    /// later ones from the end of the previous response (if the request comes during the hot
+    /// read or was pipelined) or from when bytes arrive after an idle wait. Over it: 408 and
+    /// close if part of a head arrived; a new connection that sent nothing is closed silently.
     pub header_read_ms: u64,
-    /// How long an idle keep-alive client connection is kept.
+    /// How long a keep-alive client connection may wait for its next request (hot read
+    /// included) before it is closed.
     pub keepalive_idle_ms: u64,
     /// After a response (or accept), wait this long for the next request with a read buffer
     /// already posted (one operation per request on busy connections); after that the

@@ -70,7 +70,10 @@ async fn serve_client(w: Rc<Worker>, mut c: Client, accepted: Instant) {
         let wait = if served == 0 {
             (accepted + w.settings.header_read).saturating_duration_since(Instant::now())
         } else {
-            w.settings.keepalive_idle
+            // The hot read already spent part of the keep-alive time.
+            w.settings
+                .keepalive_idle
+                .saturating_sub(w.settings.hot_read)
         };
         tracing::debug!(worker = w.id, peer = %c.peer, ?wait, "idle wait");
         if !idle_wait(&w, &c.io.io, wait).await {

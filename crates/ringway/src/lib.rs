@@ -41,7 +41,8 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
 /// Start-up choices that are not config.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// Install SIGTERM/SIGINT handlers (the binary does; in-process tests do not).
+    /// Install the SIGTERM/SIGINT (drain) and SIGHUP (ignore) handlers; the binary does,
+    /// in-process tests do not.
     pub handle_signals: bool,
     /// Run on each worker thread once a second: returns memory freed after a burst to the
     /// system (the binary passes mimalloc's collector).
