@@ -428,3 +428,66 @@ fn admin_endpoints() {
     assert_eq!(get(p.admin, "admin", "/readyz").status, 200);
     assert_eq!(get(p.admin, "admin", "/nope").status, 404);
 }
+
+#[test]
+fn connection_cap_pauses_accepting_until_a_slot_frees() {
+    let origin = Origin::start();
+    let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
+        c.workers.count = 1;
+        c.limits.connections_per_worker_max = 2;
+    });
+    let mut a = Conn::connect(p.addr);
+    let mut b = Conn::connect(p.addr);
+    assert_eq!(a.get("app.test", "/a").status, 200);
+    assert_eq!(b.get("app.test", "/b").status, 200);
+    // The third connection waits in the kernel backlog: no answer while two are open.
+    let mut third = Conn::connect(p.addr);
+    third.send(b"GET /c HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    third
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = std::io::Read::read(&mut third.stream, &mut byte);
+    assert!(
+        early.is_err(),
+        "served beyond the connection cap: {early:?}"
+    );
+    assert!(p.metric_sum("ringway_accept_paused_total") >= 1.0);
+    drop(a);
+    third
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = third.read_response(false).unwrap();
+    assert_eq!(r.text(), "ok /c");
+    assert_eq!(b.get("app.test", "/b2").status, 200);
+}
+
+#[test]
+fn a_full_log_ring_drops_and_counts_instead_of_blocking() {
+    let origin = Origin::start();
+    let mut p = TestProxy::start_with(&routes_to(origin.addr), |c| {
+        c.workers.count = 1;
+        c.access_log.ring_bytes = 64 * 1024;
+        c.access_log.drain_interval_ms = 60_000;
+    });
+    let mut c = Conn::connect(p.addr);
+    for i in 0..1000 {
+        assert_eq!(c.get("app.test", &format!("/fill/{i}")).status, 200);
+    }
+    let dropped = p.metric_sum("ringway_log_dropped_total");
+    let logged = p.metric_sum("ringway_log_records_total");
+    assert!(dropped > 0.0, "a 64 KiB ring cannot hold 1,000 records");
+    assert_eq!(
+        dropped + logged,
+        1000.0,
+        "every record is either in the ring or counted"
+    );
+    let lines = p.stop();
+    assert_eq!(
+        lines.len() as f64,
+        logged,
+        "what was pushed reaches the log at shutdown"
+    );
+}
