@@ -35,7 +35,8 @@ PROXY_CPUS = os.environ.get("PROXY_CPUS", "0")
 LOAD_CPUS = os.environ.get("LOAD_CPUS", "1" if NPROC > 1 else "0")
 SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,7").split(",") if s.strip()]
 PROXIES = [p.strip() for p in os.environ.get("PROXIES", "ringway,nginx,haproxy").split(",") if p.strip()]
-RINGWAY_EXTRA = os.environ.get("RINGWAY_EXTRA", "")  # extra TOML appended to ringway's config
+# Overrides of Ringway's config: "section.key=value;section.key=value" (TOML values).
+RINGWAY_SET = [kv.strip() for kv in os.environ.get("RINGWAY_SET", "").split(";") if kv.strip()]
 
 ORIGIN_PORT, RW_PORT, NG_PORT, HA_PORT, RW100K_PORT = 18000, 18001, 18002, 18003, 18004
 RW_ADMIN, RW100K_ADMIN = 18091, 18094
@@ -157,8 +158,14 @@ def write_configs(workdir):
     routes.write_text(
         f'default = "origin"\n[[route]]\nname = "origin"\nhosts = ["localhost"]\nupstreams = ["127.0.0.1:{ORIGIN_PORT}"]\n'
     )
+    sections = {}
+    for kv in RINGWAY_SET:
+        key, value = kv.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        sections.setdefault(section, []).append(f"{name.strip()} = {value.strip()}")
+    extra_for = lambda sec: "\n".join(sections.pop(sec, []))  # noqa: E731
     rw = workdir / "ringway.toml"
-    rw.write_text(
+    text = (
         f"""[workers]
 count = {WORKERS}
 pin = true
@@ -175,9 +182,16 @@ body_bytes_max = 1073741824
 file = "routes.toml"
 [access_log]
 enabled = false
-{RINGWAY_EXTRA}
 """
     )
+    # Put each override under its table (appending "[workers]" twice would be invalid TOML).
+    for sec in ["workers", "listen", "admin", "limits", "routes", "access_log"]:
+        extra = extra_for(sec)
+        if extra:
+            text = text.replace(f"[{sec}]\n", f"[{sec}]\n{extra}\n", 1)
+    for sec in list(sections):
+        text += f"[{sec}]\n{extra_for(sec)}\n"
+    rw.write_text(text)
     # 100,000 routes: every host points at the origin; the load test asks for one in the middle.
     lines = ['default = "r0"']
     for i in range(100_000):

@@ -6,7 +6,7 @@
 #
 # Environment: ROUNDS, DURATION (s), SCENARIOS (1,2,3,4,5,7), PROXIES (ringway,nginx,haproxy),
 # PROXY_CPUS (default 0), LOAD_CPUS (default 1), CONNECTIONS (64), IDLE_CONNECTIONS (10000),
-# RINGWAY_EXTRA (TOML appended to Ringway's config, e.g. to compare drivers).
+# RINGWAY_SET (overrides of Ringway's config, e.g. "workers.driver=\"legacy\";timeouts.hot_read_ms=0").
 # Output: a markdown table on stdout, loadtest/results/<date>-<host>.{md,json,svg}.
 set -euo pipefail
 cd "$(dirname "$0")/.."

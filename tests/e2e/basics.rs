@@ -491,3 +491,40 @@ fn a_full_log_ring_drops_and_counts_instead_of_blocking() {
         "what was pushed reaches the log at shutdown"
     );
 }
+
+#[test]
+fn idle_connections_park_and_come_back() {
+    let origin = Origin::start();
+    let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
+        c.workers.count = 1;
+        c.timeouts.keepalive_idle_ms = 1500;
+    });
+    let mut conns: Vec<Conn> = (0..20).map(|_| Conn::connect(p.addr)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(c.get("app.test", &format!("/first/{i}")).status, 200);
+    }
+    // Past the hot read (50 ms) and the next gauge update (once a second), all are parked.
+    assert!(eventually(Duration::from_secs(3), || p
+        .metric_sum("ringway_connections_parked")
+        == 20.0));
+    // A parked connection answers its next request, pipelined ones included.
+    conns[3].send(
+        b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\nGET /b HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    );
+    assert_eq!(conns[3].read_response(false).unwrap().text(), "ok /a");
+    assert_eq!(conns[3].read_response(false).unwrap().text(), "ok /b");
+    // A client that closes while parked frees its slot.
+    drop(conns.pop());
+    assert!(eventually(Duration::from_secs(3), || p
+        .metric_sum("ringway_connections_active")
+        == 19.0));
+    // Parked connections expire after the keep-alive time.
+    let mut quiet = conns.remove(0);
+    assert!(
+        quiet.is_closed(),
+        "a parked connection is closed after keepalive_idle_ms"
+    );
+    assert!(eventually(Duration::from_secs(5), || p
+        .metric_sum("ringway_connections_active")
+        <= 1.0));
+}

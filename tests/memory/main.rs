@@ -40,7 +40,7 @@ unsafe impl GlobalAlloc for Counting {
 static A: Counting = Counting;
 
 #[test]
-fn an_idle_keep_alive_connection_costs_at_most_1100_bytes_of_heap() {
+fn an_idle_keep_alive_connection_costs_at_most_256_bytes_of_heap() {
     const N: usize = 4000;
     let origin = Origin::start_unrecorded();
     let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
@@ -76,11 +76,20 @@ fn an_idle_keep_alive_connection_costs_at_most_1100_bytes_of_heap() {
     let client_side = N as isize * (64 * 1024);
     let per_conn = (after - before - client_side) as f64 / N as f64;
     eprintln!("proxy heap per idle keep-alive connection: {per_conn:.0} bytes");
-    // Today: the connection task (~840 B), its socket handle, and its entries in the worker's
-    // deadline wheel, shutdown waiters and io_uring op table.
+    // A parked connection is a slab entry in the worker's parking lot (socket, client address,
+    // counters) and a deadline entry; its task is gone. Unparked it would be ~1 KiB.
     assert!(
-        per_conn <= 1100.0,
+        per_conn <= 256.0,
         "an idle connection costs {per_conn:.0} bytes of heap"
     );
+    assert_eq!(
+        support::metric_sum(&p.metrics(), "ringway_connections_parked"),
+        N as f64,
+        "every idle connection is parked"
+    );
+    // Parked connections still work.
+    for c in conns.iter_mut().step_by(97) {
+        assert_eq!(c.get("app.test", "/again").status, 200);
+    }
     drop(conns);
 }

@@ -121,6 +121,14 @@ pub fn render(workers: &[Arc<WorkerStats>], routes: &RouteTable, control: &Contr
     per_worker(
         &mut out,
         &snaps,
+        "ringway_connections_parked",
+        "gauge",
+        "Idle keep-alive connections parked without a task (included in ringway_connections_active).",
+        |s| s.connections_parked,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
         "ringway_connections_accepted_total",
         "counter",
         "Client connections accepted.",

@@ -71,6 +71,8 @@ pub struct WorkerStats {
     pub driver: AtomicU8,
     pub connections_accepted: Counter,
     pub connections_active: Counter,
+    /// Idle connections waiting in the parking lot (part of `connections_active`).
+    pub connections_parked: Counter,
     /// Times the accept loop paused at `connections_per_worker_max`.
     pub accept_paused: Counter,
     pub requests: Counter,
@@ -106,6 +108,7 @@ impl WorkerStats {
             driver: AtomicU8::new(Driver::Unknown as u8),
             connections_accepted: Counter::default(),
             connections_active: Counter::default(),
+            connections_parked: Counter::default(),
             accept_paused: Counter::default(),
             requests: Counter::default(),
             status: (0..STATUS_CODES).map(|_| Counter::default()).collect(),
@@ -161,6 +164,7 @@ impl WorkerStats {
             driver: self.driver(),
             connections_accepted: self.connections_accepted.get(),
             connections_active: self.connections_active.get(),
+            connections_parked: self.connections_parked.get(),
             accept_paused: self.accept_paused.get(),
             requests: self.requests.get(),
             status: self
@@ -197,6 +201,7 @@ pub struct StatsSnapshot {
     pub driver: Driver,
     pub connections_accepted: u64,
     pub connections_active: u64,
+    pub connections_parked: u64,
     pub accept_paused: u64,
     pub requests: u64,
     /// (status code, count) for codes seen.

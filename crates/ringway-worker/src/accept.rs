@@ -66,13 +66,9 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
                 w.active.set(w.active.get() + 1);
                 w.stats.connections_accepted.inc();
                 w.stats.connections_active.inc();
-                let w2 = w.clone();
-                monoio::spawn(async move {
-                    conn::serve(w2.clone(), stream, peer, Instant::now()).await;
-                    w2.active.set(w2.active.get() - 1);
-                    w2.stats.connections_active.sub(1);
-                    w2.slot_freed.notify();
-                });
+                // The connection frees its slot when it closes (conn::closed), whether from
+                // this task or, after parking, from the parking lot or a resumed task.
+                monoio::spawn(conn::serve(w.clone(), stream, peer, Instant::now()));
             }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS: back off instead of spinning on the same error, and

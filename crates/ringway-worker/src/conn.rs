@@ -13,6 +13,7 @@
 
 use crate::access;
 use crate::io::{RecvBuf, Timed};
+use crate::parking::{self, Parked};
 use crate::proxy::{self, Client, Next, Upgraded};
 use crate::stream;
 use crate::worker::Worker;
@@ -47,13 +48,49 @@ pub fn serve(
         trusted,
         rb: RecvBuf::default(),
     };
-    serve_client(w, c, accepted)
+    // A new connection starts busy: its first request is usually already on the way.
+    run(w, c, accepted, 0, false, false)
 }
 
-async fn serve_client(w: Rc<Worker>, mut c: Client, accepted: Instant) {
-    let mut served = 0u64;
-    // A new connection starts busy: its first request is usually already on the way.
-    let mut readable = false;
+/// Continues a parked connection that became readable (or was closed by its client).
+pub async fn resume(w: Rc<Worker>, p: Parked) {
+    let Parked {
+        stream,
+        peer,
+        trusted,
+        served,
+        accepted,
+        registered,
+    } = p;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => {
+            let c = Client {
+                io: Timed::new(stream),
+                peer,
+                trusted,
+                rb: RecvBuf::default(),
+            };
+            Box::pin(run(w, c, accepted, served, true, registered)).await;
+        }
+        Err(_) => closed(&w),
+    }
+}
+
+/// A connection ended: free its slot.
+pub fn closed(w: &Worker) {
+    w.active.set(w.active.get() - 1);
+    w.stats.connections_active.sub(1);
+    w.slot_freed.notify();
+}
+
+async fn run(
+    w: Rc<Worker>,
+    mut c: Client,
+    accepted: Instant,
+    mut served: u64,
+    mut readable: bool,
+    registered: bool,
+) {
     let upgraded = loop {
         match Box::pin(busy(&w, &mut c, &mut served, accepted, readable)).await {
             Busy::Quiet => {}
@@ -75,6 +112,36 @@ async fn serve_client(w: Rc<Worker>, mut c: Client, accepted: Instant) {
                 .keepalive_idle
                 .saturating_sub(w.settings.hot_read)
         };
+        if w.settings.park_idle && !w.shutdown.is_fired() {
+            // Hand the socket to the parking lot and end this task.
+            let Client {
+                io, peer, trusted, ..
+            } = c;
+            let p = Parked {
+                stream: parking::into_std(io.io),
+                peer,
+                trusted,
+                served,
+                accepted,
+                registered,
+            };
+            match w.parking.park(p, Instant::now() + wait, served == 0) {
+                Ok(()) => return,
+                Err(p) => {
+                    // The epoll set refused it (descriptor limit): wait here instead.
+                    let Ok(stream) = TcpStream::from_std(p.stream) else {
+                        closed(&w);
+                        return;
+                    };
+                    c = Client {
+                        io: Timed::new(stream),
+                        peer,
+                        trusted,
+                        rb: RecvBuf::default(),
+                    };
+                }
+            }
+        }
         tracing::debug!(worker = w.id, peer = %c.peer, ?wait, "idle wait");
         if !idle_wait(&w, &c.io.io, wait).await {
             break None;
@@ -90,6 +157,7 @@ async fn serve_client(w: Rc<Worker>, mut c: Client, accepted: Instant) {
     if rb.buf.capacity() > 0 {
         w.bufs.put(rb.buf);
     }
+    closed(&w);
 }
 
 /// Relays an upgraded connection, then logs the exchange that started it (its head is still
@@ -259,6 +327,7 @@ mod tests {
                 Arc::new(RouteTable::new()),
                 Arc::new(WorkerStats::new()),
                 None,
+                crate::parking::ParkingLot::new().unwrap(),
             ));
             let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();

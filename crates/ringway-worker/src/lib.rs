@@ -18,6 +18,7 @@ pub mod error;
 pub mod event;
 pub mod headers;
 pub mod io;
+pub mod parking;
 pub mod pool;
 pub mod proxy;
 pub mod route;

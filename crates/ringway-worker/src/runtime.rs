@@ -222,6 +222,58 @@ fn run(spec: WorkerSpec, report: Report) {
     }
 }
 
+/// Waits for parked connections to become readable and gives each a new task; closes them all
+/// at shutdown.
+async fn parking_lot(w: Rc<Worker>) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // A second descriptor of the epoll set, wrapped so the runtime can poll it: one poll
+    // operation stands for every parked connection.
+    let carrier = w.parking.dup_epoll().and_then(|fd| {
+        // SAFETY: `fd` is an open descriptor we own; the wrapper is only polled for
+        // readability and closed, never used as a socket.
+        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        monoio::net::TcpStream::from_std(std_stream)
+    });
+    let carrier = match carrier {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(worker = w.id, error = %e, "parking lot unusable; idle connections keep their tasks");
+            return;
+        }
+    };
+    let mut ready = Vec::with_capacity(crate::parking::WAKE_BATCH_MAX);
+    loop {
+        let mut readable = std::pin::pin!(carrier.readable(false));
+        let mut shutdown = std::pin::pin!(w.shutdown.wait());
+        let woke = std::future::poll_fn(|cx| {
+            use std::future::Future;
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(false);
+            }
+            readable.as_mut().poll(cx).map(|r| r.is_ok())
+        })
+        .await;
+        if !woke {
+            break;
+        }
+        ready.clear();
+        if let Err(e) = w.parking.take_ready(&mut ready) {
+            tracing::error!(worker = w.id, error = %e, "epoll_wait on the parking lot failed");
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for p in ready.drain(..) {
+            monoio::spawn(crate::conn::resume(w.clone(), p));
+        }
+    }
+    // Shutdown: parked connections are idle by definition; close them now.
+    ready.clear();
+    w.parking.drain(&mut ready);
+    for p in ready.drain(..) {
+        drop(p);
+        crate::conn::closed(&w);
+    }
+}
+
 async fn worker_main(spec: WorkerSpec) {
     let WorkerSpec {
         id,
@@ -242,7 +294,17 @@ async fn worker_main(spec: WorkerSpec) {
             return;
         }
     };
-    let w = Rc::new(Worker::new(id, settings, routes, stats, log));
+    let parking = match crate::parking::ParkingLot::new() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(worker = id, error = %e, "cannot create the parking lot's epoll set");
+            return;
+        }
+    };
+    let w = Rc::new(Worker::new(id, settings, routes, stats, log, parking));
+    if w.settings.park_idle {
+        monoio::spawn(parking_lot(w.clone()));
+    }
 
     // Housekeeping, every deadline tick: advance connection deadlines, notice shutdown; once
     // a second: sweep the upstream pool, trim the buffer pool, publish the idle gauge.
@@ -250,10 +312,17 @@ async fn worker_main(spec: WorkerSpec) {
     monoio::spawn(async move {
         let mut last_sweep = Instant::now();
         let mut stopping = false;
+        let mut expired = Vec::new();
         loop {
             monoio::time::sleep(crate::deadline::TICK).await;
             let now = Instant::now();
             hk.deadlines.advance(now);
+            expired.clear();
+            hk.parking.expire(now, &mut expired);
+            for p in expired.drain(..) {
+                drop(p); // closes the socket
+                crate::conn::closed(&hk);
+            }
             if !stopping && shutdown.is_requested() {
                 stopping = true;
                 hk.shutdown.fire();
@@ -262,6 +331,7 @@ async fn worker_main(spec: WorkerSpec) {
                 let mut pool = hk.pool.borrow_mut();
                 pool.sweep(now);
                 hk.stats.upstream_idle.set(pool.idle_count() as u64);
+                hk.stats.connections_parked.set(hk.parking.parked() as u64);
                 drop(pool);
                 hk.bufs.trim();
                 if let Some(trim) = allocator_trim {

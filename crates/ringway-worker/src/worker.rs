@@ -6,6 +6,7 @@ use crate::access::RequestIdGen;
 use crate::deadline::Deadlines;
 use crate::event::{LocalEvent, LocalSignal};
 use crate::io::BufPool;
+use crate::parking::ParkingLot;
 use crate::pool::Pool;
 use crate::settings::Settings;
 use ringway_core::{LogEntry, LogProducer, RouteTable, WorkerStats};
@@ -33,6 +34,8 @@ pub struct Worker {
     pub deadlines: Deadlines,
     /// Connections currently reading with a posted buffer (see `conn::HOT_READERS_MAX`).
     pub hot_readers: Cell<usize>,
+    /// Idle connections parked without a task.
+    pub parking: ParkingLot,
 }
 
 impl Worker {
@@ -42,6 +45,7 @@ impl Worker {
         routes: Arc<RouteTable>,
         stats: Arc<WorkerStats>,
         log: Option<LogProducer>,
+        parking: ParkingLot,
     ) -> Self {
         let pool = Pool::new(
             settings.idle_per_upstream_max,
@@ -64,6 +68,7 @@ impl Worker {
             active: Cell::new(0),
             deadlines: Deadlines::default(),
             hot_readers: Cell::new(0),
+            parking,
         }
     }
 
