@@ -134,8 +134,10 @@ pub struct LimitsConfig {
     pub connections_per_worker_max: usize,
     /// Requests served on one client connection before it is closed (0: no limit).
     pub requests_per_connection_max: u64,
-    /// Size of each I/O buffer taken from a worker's buffer pool (head reads, body copies).
+    /// Size of each I/O buffer taken from a worker's buffer pool (heads, small bodies).
     pub buffer_bytes: usize,
+    /// Size of the buffers large bodies are streamed through (fewer, larger reads and writes).
+    pub body_buffer_bytes: usize,
     /// Buffers a worker keeps for reuse; more are freed when returned.
     pub buffer_pool_max: usize,
 }
@@ -150,6 +152,7 @@ impl Default for LimitsConfig {
             connections_per_worker_max: 65_536,
             requests_per_connection_max: 0,
             buffer_bytes: 16 * 1024,
+            body_buffer_bytes: 64 * 1024,
             buffer_pool_max: 1024,
         }
     }
@@ -417,6 +420,13 @@ impl Config {
             1,
             HEADER_SLOTS,
             "1 to 128 (HEADER_SLOTS)",
+        )?;
+        range(
+            "limits.body_buffer_bytes",
+            l.body_buffer_bytes,
+            l.buffer_bytes,
+            16 << 20,
+            "buffer_bytes to 16 MiB",
         )?;
         range(
             "limits.buffer_bytes",

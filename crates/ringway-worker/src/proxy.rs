@@ -264,7 +264,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
                 decode,
                 encode,
                 Some(target.body_bytes_max),
-                w.bufs.buffer_bytes(),
+                &w.bufs,
             )
             .await;
             // Raw bytes of this request's body: what was buffered, plus what was read, minus
@@ -443,7 +443,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
                 decode,
                 encode,
                 None,
-                w.bufs.buffer_bytes(),
+                &w.bufs,
             )
             .await;
             ex.bytes_out += n.written;

@@ -21,6 +21,7 @@ pub struct Settings {
     pub connections_max: usize,
     pub requests_per_connection_max: u64,
     pub buffer_bytes: usize,
+    pub body_buffer_bytes: usize,
     pub buffer_pool_max: usize,
 
     pub header_read: Duration,
@@ -54,6 +55,7 @@ impl Settings {
             connections_max: c.limits.connections_per_worker_max,
             requests_per_connection_max: c.limits.requests_per_connection_max,
             buffer_bytes: c.limits.buffer_bytes,
+            body_buffer_bytes: c.limits.body_buffer_bytes,
             buffer_pool_max: c.limits.buffer_pool_max,
             header_read: ms(t.header_read_ms),
             keepalive_idle: ms(t.keepalive_idle_ms),

@@ -8,7 +8,7 @@
 //! head, so a small message leaves in one write.
 
 use crate::error::{ErrorKind, IoFail, ProxyError, Side};
-use crate::io::{RecvBuf, Timed};
+use crate::io::{BufPool, RecvBuf, Timed};
 use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Splitable};
 use monoio::net::TcpStream;
 use ringway_proto::ChunkedDecoder;
@@ -69,14 +69,20 @@ pub async fn pump<R, W>(
     mut decode: Decode,
     encode: Encode,
     body_max: Option<u64>,
-    buffer_bytes: usize,
+    bufs: &BufPool,
 ) -> (Result<(), ProxyError>, Pumped)
 where
     R: CancelableAsyncReadRent,
     W: CancelableAsyncWriteRent,
 {
     let mut n = Pumped::default();
-    let flush_at = buffer_bytes;
+    // Chunked output is gathered: give it a body-sized buffer, so it leaves in large writes.
+    if encode == Encode::Chunked && out.capacity() < bufs.big_bytes() {
+        let mut big = bufs.take_big();
+        big.extend_from_slice(out);
+        bufs.put(std::mem::replace(out, big));
+    }
+    let flush_at = out.capacity().max(bufs.buffer_bytes());
     macro_rules! flush {
         () => {
             if !out.is_empty() {
@@ -197,7 +203,16 @@ where
         // Everything read so far is forwarded or gathered: send it before waiting for more, so
         // the destination sees progress and back-pressure holds.
         flush!();
-        match src.io.fill(sbuf, buffer_bytes / 2, src.timeout).await {
+        // A body larger than the room left is streamed through a body-sized buffer.
+        let rest_fits = match &decode {
+            Decode::Length(rem) => *rem <= sbuf.free() as u64,
+            _ => false,
+        };
+        if !rest_fits && sbuf.buf.capacity() < bufs.big_bytes() {
+            let small = sbuf.upgrade(bufs.take_big());
+            bufs.put(small);
+        }
+        match src.io.fill(sbuf, 4096, src.timeout).await {
             Ok(k) => n.read += k as u64,
             Err(IoFail::Closed) if matches!(decode, Decode::Close) => src_done = true,
             Err(e) => return (Err(e.on(src.side)), n),

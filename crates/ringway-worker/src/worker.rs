@@ -52,7 +52,11 @@ impl Worker {
             settings.upstream_idle_timeout,
             settings.stale_check_idle,
         );
-        let bufs = BufPool::new(settings.buffer_bytes, settings.buffer_pool_max);
+        let bufs = BufPool::with_body_buffers(
+            settings.buffer_bytes,
+            settings.body_buffer_bytes,
+            settings.buffer_pool_max,
+        );
         Self {
             id,
             settings,
