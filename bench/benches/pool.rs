@@ -26,7 +26,8 @@ fn bench(c: &mut Criterion) {
         ("checkout+checkin (stale check)", Duration::ZERO),
     ] {
         let (mut pool, _server) = rt.block_on(async {
-            let mut pool = Pool::new(128, Duration::from_secs(60), stale_check);
+            let mut pool: Pool<monoio::net::TcpStream> =
+                Pool::new(128, Duration::from_secs(60), stale_check);
             let s = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
             let server = listener.accept().unwrap();
             pool.checkin(addr, s, Instant::now());

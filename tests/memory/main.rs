@@ -16,11 +16,13 @@ use support::{Conn, Origin, TestProxy, routes_to};
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+static ALLOCS: AtomicIsize = AtomicIsize::new(0);
 
 // SAFETY: forwards every call to the system allocator unchanged and only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(l) }
     }
@@ -31,6 +33,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(p, l, new) }
     }
@@ -39,8 +42,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// The counters are process-wide: tests here run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn an_idle_keep_alive_connection_costs_at_most_256_bytes_of_heap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const N: usize = 4000;
     let origin = Origin::start_unrecorded();
     let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
@@ -92,4 +99,76 @@ fn an_idle_keep_alive_connection_costs_at_most_256_bytes_of_heap() {
         assert_eq!(c.get("app.test", "/again").status, 200);
     }
     drop(conns);
+}
+
+/// An upstream that answers every request on a connection with the same bytes, allocating
+/// nothing per request, so the allocation count below is the proxy's.
+fn quiet_origin() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                let mut have = 0;
+                loop {
+                    match s.read(&mut buf[have..]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have += n,
+                    }
+                    while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .is_err()
+                        {
+                            return;
+                        }
+                        buf.copy_within(end + 4..have, 0);
+                        have -= end + 4;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn keep_alive_requests_allocate_nothing_on_the_request_path() {
+    use std::io::{Read, Write};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let origin = quiet_origin();
+    let p = TestProxy::start_with(&routes_to(origin), |c| {
+        c.workers.count = 1;
+        // The worker only pushes records into its ring; decoding them into log lines is the
+        // control plane's work and allocates there, off the request path.
+        c.access_log.enabled = false;
+    });
+    let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let req = b"GET /x HTTP/1.1\r\nHost: app.test\r\nUser-Agent: alloc-test\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    let mut round = |n: usize| {
+        for _ in 0..n {
+            s.write_all(req).unwrap();
+            let mut got = 0;
+            // The response ends with the 2-byte body "ok".
+            while !buf[..got].ends_with(b"\r\n\r\nok") {
+                got += s.read(&mut buf[got..]).unwrap();
+            }
+        }
+    };
+    round(2000); // warm up: pools, buffers, the upstream connection, the log path
+    const N: usize = 20_000;
+    let before = ALLOCS.load(Ordering::Relaxed);
+    round(N);
+    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let per_request = allocs as f64 / N as f64;
+    eprintln!("{allocs} allocations over {N} keep-alive requests ({per_request:.4} per request)");
+    // Housekeeping (once a second, the log drain) may allocate a little; a request must not.
+    assert!(
+        per_request < 0.05,
+        "{per_request:.4} allocations per request"
+    );
 }

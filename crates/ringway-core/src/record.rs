@@ -194,14 +194,16 @@ impl<'a> Reader<'a> {
     fn u16(&mut self) -> Result<u16, CorruptRecord> {
         Ok(u16::from_le_bytes(self.arr()?))
     }
-    fn string(&mut self) -> Result<String, CorruptRecord> {
+    fn bytes(&mut self) -> Result<&'a [u8], CorruptRecord> {
         let n = self.u16()? as usize;
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+        self.take(n)
     }
 }
 
-impl LogRecord {
-    pub fn decode(b: &[u8]) -> Result<LogRecord, CorruptRecord> {
+impl<'a> LogEntry<'a> {
+    /// Reads a record from its encoded form, borrowing its strings: the control plane turns
+    /// records into log lines or database rows without allocating per record.
+    pub fn decode(b: &'a [u8]) -> Result<LogEntry<'a>, CorruptRecord> {
         let mut r = Reader { b };
         let time_unix_us = r.u64()?;
         let duration_us = r.u64()?;
@@ -218,7 +220,7 @@ impl LogRecord {
         let client = r.arr::<16>()?;
         let up_ip = r.arr::<16>()?;
         let up_port = r.u16()?;
-        Ok(LogRecord {
+        Ok(LogEntry {
             time_unix_us,
             duration_us,
             bytes_in,
@@ -229,13 +231,41 @@ impl LogRecord {
             client_ip: ip_from(&client, flags & FLAG_CLIENT_V6 != 0),
             upstream: (flags & FLAG_UPSTREAM != 0)
                 .then(|| SocketAddr::new(ip_from(&up_ip, flags & FLAG_UPSTREAM_V6 != 0), up_port)),
-            request_id: r.string()?,
-            host: r.string()?,
-            method: r.string()?,
-            path: r.string()?,
-            user_agent: r.string()?,
-            reason: r.string()?,
+            request_id: r.bytes()?,
+            host: r.bytes()?,
+            method: r.bytes()?,
+            path: r.bytes()?,
+            user_agent: r.bytes()?,
+            reason: r.bytes()?,
         })
+    }
+
+    /// An owned copy (strings decoded lossily as UTF-8).
+    pub fn to_record(&self) -> LogRecord {
+        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        LogRecord {
+            time_unix_us: self.time_unix_us,
+            duration_us: self.duration_us,
+            request_id: s(self.request_id),
+            host: s(self.host),
+            method: s(self.method),
+            path: s(self.path),
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            upstream: self.upstream,
+            client_ip: self.client_ip,
+            user_agent: s(self.user_agent),
+            route: self.route,
+            worker: self.worker,
+            reason: s(self.reason),
+        }
+    }
+}
+
+impl LogRecord {
+    pub fn decode(b: &[u8]) -> Result<LogRecord, CorruptRecord> {
+        LogEntry::decode(b).map(|e| e.to_record())
     }
 }
 

@@ -252,6 +252,12 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Timed<S> {
     }
 }
 
+impl<S: std::os::fd::AsRawFd> std::os::fd::AsRawFd for Timed<S> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.io.as_raw_fd()
+    }
+}
+
 impl<S> Timed<S> {
     pub fn new(io: S) -> Self {
         Self {

@@ -14,22 +14,22 @@
 //! retry of idempotent requests on a fresh connection.
 
 use foldhash::fast::RandomState;
-use monoio::net::TcpStream;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
-struct Idle {
-    stream: TcpStream,
+struct Idle<C> {
+    stream: C,
     since: Instant,
 }
 
-/// Idle upstream connections of one worker.
+/// Idle upstream connections of one worker. `C` is the pooled connection (the worker pools
+/// its timed sockets, so their cancellation state is reused too).
 #[derive(Debug)]
-pub struct Pool {
-    idle: HashMap<SocketAddr, VecDeque<Idle>, RandomState>,
+pub struct Pool<C> {
+    idle: HashMap<SocketAddr, VecDeque<Idle<C>>, RandomState>,
     per_upstream_max: usize,
     idle_timeout: Duration,
     stale_check_idle: Duration,
@@ -38,13 +38,13 @@ pub struct Pool {
 
 /// What a checkout found.
 #[derive(Debug)]
-pub struct Checkout {
-    pub stream: Option<TcpStream>,
+pub struct Checkout<C> {
+    pub stream: Option<C>,
     /// Pooled connections discarded because the upstream had closed them.
     pub stale: u64,
 }
 
-impl Pool {
+impl<C: AsRawFd> Pool<C> {
     pub fn new(
         per_upstream_max: usize,
         idle_timeout: Duration,
@@ -60,7 +60,7 @@ impl Pool {
     }
 
     /// Takes a live idle connection to `addr`, if there is one.
-    pub fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Checkout {
+    pub fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Checkout<C> {
         let mut stale = 0;
         let Some(q) = self.idle.get_mut(&addr) else {
             return Checkout {
@@ -91,7 +91,7 @@ impl Pool {
 
     /// Returns a connection that finished an exchange cleanly. Past the idle cap the oldest
     /// idle connection to that address is closed.
-    pub fn checkin(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
+    pub fn checkin(&mut self, addr: SocketAddr, stream: C, now: Instant) {
         if self.per_upstream_max == 0 {
             return;
         }
@@ -135,7 +135,7 @@ impl Pool {
 }
 
 /// Whether an idle connection can be reused: no EOF and no unexpected bytes from the upstream.
-pub fn is_alive(stream: &TcpStream) -> bool {
+pub fn is_alive(stream: &impl AsRawFd) -> bool {
     let fd = stream.as_raw_fd();
     let mut byte = 0u8;
     // SAFETY: `fd` is an open socket owned by `stream` for the duration of the call, and the
@@ -160,6 +160,7 @@ pub fn is_alive(stream: &TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use monoio::net::TcpStream;
     use std::io::Write;
 
     fn rt() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
@@ -174,7 +175,7 @@ mod tests {
         rt().block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut pool = Pool::new(4, Duration::from_secs(60), Duration::ZERO);
+            let mut pool: Pool<TcpStream> = Pool::new(4, Duration::from_secs(60), Duration::ZERO);
             let now = Instant::now();
 
             let a = TcpStream::connect_addr(addr).await.unwrap();
@@ -205,7 +206,8 @@ mod tests {
         rt().block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut pool = Pool::new(2, Duration::from_millis(100), Duration::ZERO);
+            let mut pool: Pool<TcpStream> =
+                Pool::new(2, Duration::from_millis(100), Duration::ZERO);
             let t0 = Instant::now();
             let mut keep = Vec::new();
             for _ in 0..3 {

@@ -233,11 +233,10 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
     let mut fresh_only = false;
     let mut body_sent = !has_body;
     let outcome = loop {
-        let (stream, reused) = match upstream_conn(w, target.upstream, fresh_only).await {
+        let (mut up, reused) = match upstream_conn(w, target.upstream, fresh_only).await {
             Ok(x) => x,
             Err(e) => break Err(e),
         };
-        let mut up = Timed::new(stream);
         let sent = if has_body {
             let unread_before = c.rb.unread().len() as u64;
             let decode = match req.meta.framing {
@@ -461,7 +460,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
     if upstream_clean && !ubuf.has_unread() {
         w.pool
             .borrow_mut()
-            .checkin(target.upstream, up.io, Instant::now());
+            .checkin(target.upstream, up, Instant::now());
     }
     w.bufs.put(ubuf.buf);
     w.bufs.put(out);
@@ -682,7 +681,7 @@ async fn upstream_conn(
     w: &Worker,
     addr: SocketAddr,
     fresh_only: bool,
-) -> Result<(TcpStream, bool), ProxyError> {
+) -> Result<(Timed<TcpStream>, bool), ProxyError> {
     if !fresh_only {
         let got = w.pool.borrow_mut().checkout(addr, Instant::now());
         w.stats.upstream_stale.add(got.stale);
@@ -695,7 +694,7 @@ async fn upstream_conn(
     match monoio::time::timeout(w.settings.upstream_connect, TcpStream::connect_addr(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok((s, false))
+            Ok((Timed::new(s), false))
         }
         Ok(Err(_)) => {
             w.stats.upstream_connect_errors.inc();

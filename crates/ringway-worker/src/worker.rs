@@ -5,10 +5,11 @@
 use crate::access::RequestIdGen;
 use crate::deadline::Deadlines;
 use crate::event::{LocalEvent, LocalSignal};
-use crate::io::BufPool;
+use crate::io::{BufPool, Timed};
 use crate::parking::ParkingLot;
 use crate::pool::Pool;
 use crate::settings::Settings;
+use monoio::net::TcpStream;
 use ringway_core::{LogEntry, LogProducer, RouteTable, WorkerStats};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ pub struct Worker {
     pub routes: Arc<RouteTable>,
     pub stats: Arc<WorkerStats>,
     pub log: RefCell<Option<LogProducer>>,
-    pub pool: RefCell<Pool>,
+    pub pool: RefCell<Pool<Timed<TcpStream>>>,
     pub bufs: BufPool,
     pub ids: RefCell<RequestIdGen>,
     /// Round-robin position for routes with several upstreams.
