@@ -43,7 +43,7 @@ pub fn serve(
     let _ = stream.set_nodelay(true);
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
     let c = Client {
-        io: Timed::new(stream),
+        io: Timed::new(stream, w.deadlines.clone()),
         peer,
         trusted,
         rb: RecvBuf::default(),
@@ -65,7 +65,7 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
     match TcpStream::from_std(stream) {
         Ok(stream) => {
             let c = Client {
-                io: Timed::new(stream),
+                io: Timed::new(stream, w.deadlines.clone()),
                 peer,
                 trusted,
                 rb: RecvBuf::default(),
@@ -134,7 +134,7 @@ async fn run(
                         return;
                     };
                     c = Client {
-                        io: Timed::new(stream),
+                        io: Timed::new(stream, w.deadlines.clone()),
                         peer,
                         trusted,
                         rb: RecvBuf::default(),
@@ -166,6 +166,7 @@ async fn tunnel(w: &Worker, io: Timed<TcpStream>, rb: RecvBuf, u: Box<Upgraded>)
     let Upgraded { upstream, mut ex } = *u;
     let bufs = (w.bufs.take(), w.bufs.take());
     let (t, (a, b)) = stream::tunnel(
+        &w.deadlines,
         io.io,
         upstream,
         bufs,
@@ -336,7 +337,10 @@ mod tests {
             let fut = serve(w.clone(), s, peer, Instant::now());
             let conn = std::mem::size_of_val(&fut);
             let mut c = Client {
-                io: Timed::new(monoio::net::TcpStream::connect_addr(addr).await.unwrap()),
+                io: Timed::new(
+                    monoio::net::TcpStream::connect_addr(addr).await.unwrap(),
+                    w.deadlines.clone(),
+                ),
                 peer,
                 trusted: false,
                 rb: RecvBuf::default(),

@@ -87,7 +87,7 @@ pub fn write_upstream_request(
                 o.extend_from_slice(b", ");
             }
         }
-        let _ = write!(o, "{}", ringway_core::cidr::canonical(f.peer_ip));
+        ringway_proto::write::push_ip(o, ringway_core::cidr::canonical(f.peer_ip));
     });
     let kept = |name: &str| -> Option<&[u8]> { if f.trusted { req.header(name) } else { None } };
     w.header(

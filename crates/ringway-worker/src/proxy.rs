@@ -694,7 +694,7 @@ async fn upstream_conn(
     match monoio::time::timeout(w.settings.upstream_connect, TcpStream::connect_addr(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok((Timed::new(s), false))
+            Ok((Timed::new(s, w.deadlines.clone()), false))
         }
         Ok(Err(_)) => {
             w.stats.upstream_connect_errors.inc();

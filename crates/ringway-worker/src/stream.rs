@@ -7,6 +7,7 @@
 //! buffer; small ones and chunked output are gathered in `out`, which may already hold the
 //! head, so a small message leaves in one write.
 
+use crate::deadline::Deadlines;
 use crate::error::{ErrorKind, IoFail, ProxyError, Side};
 use crate::io::{BufPool, RecvBuf, Timed};
 use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Splitable};
@@ -14,6 +15,7 @@ use monoio::net::TcpStream;
 use ringway_proto::ChunkedDecoder;
 use ringway_proto::chunked::{CHUNK_DATA_END, LAST_CHUNK, write_chunk_size};
 use std::cell::Cell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Source framing.
@@ -231,6 +233,7 @@ pub struct Tunneled {
 /// either direction for `idle`. Each direction ends on EOF by shutting down the other side's
 /// write half, so half-closed WebSocket closes work.
 pub async fn tunnel(
+    deadlines: &Rc<Deadlines>,
     client: TcpStream,
     upstream: TcpStream,
     buffers: (Vec<u8>, Vec<u8>),
@@ -241,16 +244,16 @@ pub async fn tunnel(
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let up = relay(
-        Timed::new(cr),
-        Timed::new(uw),
+        Timed::new(cr, deadlines.clone()),
+        Timed::new(uw, deadlines.clone()),
         buffers.0,
         &last,
         idle,
         write_timeout,
     );
     let down = relay(
-        Timed::new(ur),
-        Timed::new(cw),
+        Timed::new(ur, deadlines.clone()),
+        Timed::new(cw, deadlines.clone()),
         buffers.1,
         &last,
         idle,

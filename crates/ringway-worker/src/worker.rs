@@ -12,6 +12,7 @@ use crate::settings::Settings;
 use monoio::net::TcpStream;
 use ringway_core::{LogEntry, LogProducer, RouteTable, WorkerStats};
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -32,7 +33,7 @@ pub struct Worker {
     pub slot_freed: LocalSignal,
     pub active: Cell<usize>,
     /// Coarse deadlines of connections waiting for their next request.
-    pub deadlines: Deadlines,
+    pub deadlines: Rc<Deadlines>,
     /// Connections currently reading with a posted buffer (see `conn::HOT_READERS_MAX`).
     pub hot_readers: Cell<usize>,
     /// Idle connections parked without a task.
@@ -71,7 +72,7 @@ impl Worker {
             shutdown: LocalEvent::default(),
             slot_freed: LocalSignal::default(),
             active: Cell::new(0),
-            deadlines: Deadlines::default(),
+            deadlines: Rc::new(Deadlines::default()),
             hot_readers: Cell::new(0),
             parking,
         }
