@@ -82,6 +82,7 @@ fn bench(c: &mut Criterion) {
                     upgrade: false,
                     request_id: Some(b"0123456789abcdef0123456789abcdef"),
                     security: &security,
+                    hsts: None,
                 },
             );
             black_box(out.len());

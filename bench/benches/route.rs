@@ -26,6 +26,8 @@ fn table(n: usize) -> RouteTable {
                 deployment_id: 1,
                 upstreams: vec!["10.0.0.1:3000".parse().unwrap()].into(),
                 body_bytes_max: None,
+                redirect_https: false,
+                hsts: None,
             }),
         );
     }
@@ -38,6 +40,8 @@ fn table(n: usize) -> RouteTable {
             deployment_id: 0,
             upstreams: vec!["10.0.0.2:3000".parse().unwrap()].into(),
             body_bytes_max: None,
+            redirect_https: false,
+            hsts: None,
         }),
     );
     set.default = set.hosts.values().next().cloned();

@@ -3,6 +3,7 @@
 //! bounded time.
 
 use crate::metrics::{self, ControlStats};
+use ringway_core::tls::CertTable;
 use ringway_core::{RouteTable, WorkerStats};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ const ADMIN_CONNECTIONS_MAX: usize = 64;
 pub struct AdminState {
     pub workers: Vec<Arc<WorkerStats>>,
     pub routes: Arc<RouteTable>,
+    pub certs: Arc<CertTable>,
     pub control: Arc<ControlStats>,
 }
 
@@ -71,7 +73,7 @@ async fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("/");
     match path {
         "/metrics" => {
-            let body = metrics::render(&state.workers, &state.routes, &state.control);
+            let body = metrics::render(&state.workers, &state.routes, &state.certs, &state.control);
             respond(&mut s, 200, "text/plain; version=0.0.4", &body).await
         }
         "/healthz" => respond(&mut s, 200, "text/plain", "ok\n").await,

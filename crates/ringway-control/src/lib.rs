@@ -11,12 +11,15 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod certs;
 pub mod file_store;
 pub mod logsink;
 pub mod metrics;
 pub mod store;
 
 use metrics::ControlStats;
+use ringway_core::snapshot::Snapshot;
+use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{LogConsumer, RouteTable, Shutdown, WorkerStats};
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,13 +32,15 @@ use store::{RouteStore, StoreEvent};
 #[derive(Debug)]
 pub struct ControlParams {
     pub routes_path: PathBuf,
-    /// Content hash of the routes file already applied to `routes` at start.
-    pub routes_loaded_hash: Option<u64>,
+    /// The snapshot already applied at start, and the hash of the routes file it came from.
+    pub initial: Option<(Snapshot, u64)>,
     pub routes_poll: Duration,
     /// Where to write the access log; None: logging is off.
     pub access_log: Option<PathBuf>,
     pub drain_interval: Duration,
     pub routes: Arc<RouteTable>,
+    pub certs: Arc<CertTable>,
+    pub acme: Arc<AcmeTable>,
     pub rings: Vec<LogConsumer>,
     pub worker_stats: Vec<Arc<WorkerStats>>,
     pub shutdown: Arc<Shutdown>,
@@ -118,7 +123,7 @@ pub fn start(p: ControlParams) -> Result<ControlHandle, ControlError> {
         l.set_nonblocking(true).map_err(ControlError::Admin)?;
     }
     let stats = Arc::new(ControlStats::default());
-    if p.routes_loaded_hash.is_some() {
+    if p.initial.is_some() {
         // The caller's initial load counts as the first successful load.
         ControlStats::inc(&stats.route_loads_ok);
         stats
@@ -145,22 +150,23 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Applies store events to the table until the runtime stops.
-async fn follow_store(
-    mut store: impl RouteStore,
-    routes: Arc<RouteTable>,
-    stats: Arc<ControlStats>,
-) {
+pub use ringway_core::snapshot::Tables;
+
+/// Applies store events to the tables until the runtime stops.
+async fn follow_store(mut store: impl RouteStore, tables: Tables, stats: Arc<ControlStats>) {
+    let routes = tables.routes.clone();
     loop {
         match store.next().await {
             Ok(ev) => {
                 match ev {
-                    StoreEvent::Full(set) => {
-                        routes.apply(&set);
+                    StoreEvent::Full(snap) => {
+                        tables.apply(&snap);
                         tracing::info!(
                             store = store.kind(),
-                            hosts = set.hosts.len(),
-                            default = set.default.is_some(),
+                            hosts = snap.routes.hosts.len(),
+                            default = snap.routes.default.is_some(),
+                            certificates = snap.certs.entries.len(),
+                            acme_tokens = snap.acme.len(),
                             version = routes.version(),
                             "routes loaded"
                         );
@@ -187,9 +193,17 @@ async fn run(
     stats: Arc<ControlStats>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let store =
-        file_store::FileStore::new(p.routes_path.clone(), p.routes_poll, p.routes_loaded_hash);
-    tokio::spawn(follow_store(store, p.routes.clone(), stats.clone()));
+    let store = file_store::FileStore::new(
+        p.routes_path.clone(),
+        p.routes_poll,
+        p.initial.as_ref().map(|(s, h)| (s, *h)),
+    );
+    let tables = Tables {
+        routes: p.routes.clone(),
+        certs: p.certs.clone(),
+        acme: p.acme.clone(),
+    };
+    tokio::spawn(follow_store(store, tables, stats.clone()));
 
     if let Some(l) = p.admin {
         match tokio::net::TcpListener::from_std(l) {
@@ -199,6 +213,7 @@ async fn run(
                     admin::AdminState {
                         workers: p.worker_stats.clone(),
                         routes: p.routes.clone(),
+                        certs: p.certs.clone(),
                         control: stats.clone(),
                     },
                 ));

@@ -2,6 +2,7 @@
 //! control plane's own.
 
 use ringway_core::stats::LATENCY_BUCKETS_US;
+use ringway_core::tls::CertTable;
 use ringway_core::{RouteTable, StatsSnapshot, WorkerStats};
 use std::fmt::Write;
 use std::sync::Arc;
@@ -43,7 +44,16 @@ fn per_worker(
 }
 
 /// Renders all metrics.
-pub fn render(workers: &[Arc<WorkerStats>], routes: &RouteTable, control: &ControlStats) -> String {
+/// Certificates expiring within this many seconds are counted in
+/// `ringway_tls_certificates_expiring`.
+pub const CERT_EXPIRY_WARNING_S: i64 = 14 * 86_400;
+
+pub fn render(
+    workers: &[Arc<WorkerStats>],
+    routes: &RouteTable,
+    certs: &CertTable,
+    control: &ControlStats,
+) -> String {
     let snaps: Vec<StatsSnapshot> = workers.iter().map(|w| w.snapshot()).collect();
     let mut out = String::with_capacity(8192);
 
@@ -239,6 +249,7 @@ pub fn render(workers: &[Arc<WorkerStats>], routes: &RouteTable, control: &Contr
         |s| s.log_drops,
     );
 
+    render_tls(&mut out, &snaps, certs);
     family(
         &mut out,
         "ringway_routes",
@@ -305,6 +316,45 @@ pub fn render(workers: &[Arc<WorkerStats>], routes: &RouteTable, control: &Contr
     out
 }
 
+fn render_tls(out: &mut String, snaps: &[StatsSnapshot], certs: &CertTable) {
+    family(out, "ringway_tls_handshakes_total", "counter", "Completed TLS handshakes, by protocol version.");
+    for (i, s) in snaps.iter().enumerate() {
+        let _ = writeln!(out, "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.2\"}} {}", s.tls_handshakes_12);
+        let _ = writeln!(out, "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.3\"}} {}", s.tls_handshakes_13);
+    }
+    family(out, "ringway_tls_handshake_failures_total", "counter", "TLS handshakes that did not complete, by reason.");
+    for (i, s) in snaps.iter().enumerate() {
+        for (reason, v) in [("timeout", s.tls_handshake_timeouts), ("closed", s.tls_handshake_closed), ("error", s.tls_handshake_errors)] {
+            let _ = writeln!(out, "ringway_tls_handshake_failures_total{{worker=\"{i}\",reason=\"{reason}\"}} {v}");
+        }
+    }
+    per_worker(out, snaps, "ringway_tls_resumptions_total", "counter", "TLS handshakes that resumed a session (ticket or cache).", |s| s.tls_resumptions);
+    family(out, "ringway_tls_certificate_lookups_total", "counter", "Certificate lookups during handshakes, by outcome (miss: handshake refused).");
+    for (i, s) in snaps.iter().enumerate() {
+        for (outcome, v) in [("exact", s.tls_cert_exact), ("wildcard", s.tls_cert_wildcard), ("default", s.tls_cert_default), ("miss", s.tls_cert_miss)] {
+            let _ = writeln!(out, "ringway_tls_certificate_lookups_total{{worker=\"{i}\",outcome=\"{outcome}\"}} {v}");
+        }
+    }
+    per_worker(out, snaps, "ringway_https_redirects_total", "counter", "Plain HTTP requests redirected to HTTPS.", |s| s.https_redirects);
+    per_worker(out, snaps, "ringway_acme_answers_total", "counter", "ACME HTTP-01 challenges answered.", |s| s.acme_answers);
+    per_worker(out, snaps, "ringway_misdirected_requests_total", "counter", "Requests answered 421: the Host is not covered by the connection's certificate.", |s| s.misdirected);
+    let expiries = certs.expiries();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    family(out, "ringway_tls_certificates_expiring", "gauge", "Certificates in service that expire within 14 days.");
+    let _ = writeln!(
+        out,
+        "ringway_tls_certificates_expiring{{within=\"14d\"}} {}",
+        expiries.iter().filter(|(_, t)| *t - now < CERT_EXPIRY_WARNING_S).count()
+    );
+    family(out, "ringway_tls_certificate_expiry_timestamp_seconds", "gauge", "Expiry of each certificate in service.");
+    for (name, t) in &expiries {
+        let _ = writeln!(out, "ringway_tls_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {t}", name.replace(['"', '\\', '\n'], "_"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,7 +365,7 @@ mod tests {
         w.set_driver(ringway_core::Driver::IoUring);
         w.record_request(200, 100);
         w.record_request(200, 20_000_000);
-        let text = render(&[w], &RouteTable::new(), &ControlStats::default());
+        let text = render(&[w], &RouteTable::new(), &CertTable::new(), &ControlStats::default());
         assert!(text.contains("ringway_worker_driver{worker=\"0\",driver=\"io_uring\"} 1"));
         assert!(text.contains("ringway_requests_total{worker=\"0\",status=\"200\"} 2"));
         assert!(

@@ -5,15 +5,15 @@
 //! applies them to the shared route table. A store that cannot produce a valid snapshot returns
 //! an error; the table keeps its last good routes.
 
-use ringway_core::RouteSet;
+use ringway_core::snapshot::Snapshot;
 use ringway_core::route::Route;
 use std::sync::Arc;
 
 /// A change to apply to the route table.
 #[derive(Debug, Clone)]
 pub enum StoreEvent {
-    /// The complete set: the table is made equal to it.
-    Full(RouteSet),
+    /// The complete state: the tables are made equal to it.
+    Full(Snapshot),
     /// One host pattern added or changed.
     Upsert(String, Arc<Route>),
     /// One host pattern removed.

@@ -45,6 +45,7 @@ pub struct Config {
     pub routes: RoutesConfig,
     pub access_log: AccessLogConfig,
     pub admin: AdminConfig,
+    pub tls: TlsConfig,
 }
 
 /// Which monoio driver the workers run on.
@@ -100,11 +101,14 @@ impl Default for WorkersConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT). `"off"` parses, but
-    /// with no other listener (HTTPS comes later) validation refuses a proxy that listens
-    /// nowhere.
+    /// Plain HTTP listener (each worker binds its own with SO_REUSEPORT); `"off"`: none (one of
+    /// `http` and `https` must be on).
     #[serde(with = "opt_addr")]
     pub http: Option<SocketAddr>,
+    /// HTTPS listener (SO_REUSEPORT per worker, like `http`); `"off"`: none. Certificates come
+    /// from the route store.
+    #[serde(with = "opt_addr")]
+    pub https: Option<SocketAddr>,
     /// listen(2) backlog of each worker's socket (capped by net.core.somaxconn).
     pub backlog: u32,
 }
@@ -113,6 +117,7 @@ impl Default for ListenConfig {
     fn default() -> Self {
         Self {
             http: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            https: None,
             backlog: 4096,
         }
     }
@@ -363,6 +368,34 @@ impl Default for AdminConfig {
     }
 }
 
+/// TLS termination settings (the certificates themselves come from the route store).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A client that has not finished its handshake within this time is disconnected.
+    pub handshake_timeout_ms: u64,
+    /// Sessions each worker remembers for resumption by session id (TLS 1.2) or stateful
+    /// ticket; bounded, least recently used out.
+    pub session_cache_entries: usize,
+    /// Stateless session tickets (keys generated at start, rotated every 6 hours, shared by
+    /// all workers so a ticket from one worker resumes on any other).
+    pub tickets: bool,
+    /// Port put in `Location` when redirecting plain HTTP to HTTPS; default: the port of
+    /// `listen.https` (omitted when it is 443).
+    pub redirect_port: Option<u16>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_ms: 10_000,
+            session_cache_entries: 4096,
+            tickets: true,
+            redirect_port: None,
+        }
+    }
+}
+
 /// A configuration that parses but cannot be run.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -373,7 +406,7 @@ pub enum ConfigError {
         value: String,
         why: &'static str,
     },
-    #[error("no listener configured: set listen.http")]
+    #[error("no listener configured: set listen.http or listen.https")]
     NoListener,
     #[error("security header {0:?} is not a valid header")]
     BadHeader(String),
@@ -533,9 +566,23 @@ impl Config {
             3_600_000,
             "0 to 1 hour",
         )?;
-        if self.listen.http.is_none() {
+        if self.listen.http.is_none() && self.listen.https.is_none() {
             return Err(ConfigError::NoListener);
         }
+        range(
+            "tls.handshake_timeout_ms",
+            self.tls.handshake_timeout_ms,
+            1,
+            600_000,
+            "1 ms to 10 minutes",
+        )?;
+        range(
+            "tls.session_cache_entries",
+            self.tls.session_cache_entries,
+            0,
+            10_000_000,
+            "0 to 10,000,000",
+        )?;
         for h in &self.headers.security {
             let name_ok = ringway_proto::token::is_token(h.name.as_bytes());
             let value_ok = h

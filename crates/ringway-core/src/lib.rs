@@ -12,7 +12,9 @@ pub mod logring;
 pub mod record;
 pub mod route;
 pub mod shutdown;
+pub mod snapshot;
 pub mod stats;
+pub mod tls;
 
 pub use cidr::Cidr;
 pub use config::{Config, ConfigError};

@@ -27,6 +27,19 @@ pub struct Route {
     pub upstreams: Box<[SocketAddr]>,
     /// Largest request body for this route; None: `limits.body_bytes_max`.
     pub body_bytes_max: Option<u64>,
+    /// Answer plain HTTP requests with a redirect to HTTPS (308 for methods other than GET
+    /// and HEAD, 301 for those).
+    pub redirect_https: bool,
+    /// Strict-Transport-Security on HTTPS responses (unless the app sets it).
+    pub hsts: Option<Hsts>,
+}
+
+/// A Strict-Transport-Security policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hsts {
+    pub max_age_s: u32,
+    pub include_subdomains: bool,
+    pub preload: bool,
 }
 
 /// A complete set of routes as a store produces it: host patterns (`example.com` or
@@ -242,6 +255,8 @@ mod tests {
             deployment_id: 3,
             upstreams: vec!["127.0.0.1:1".parse().unwrap()].into(),
             body_bytes_max: None,
+            redirect_https: false,
+            hsts: None,
         })
     }
 

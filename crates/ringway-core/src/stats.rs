@@ -94,6 +94,32 @@ pub struct WorkerStats {
     pub tunnels: Counter,
     pub log_records: Counter,
     pub log_drops: Counter,
+    /// Completed TLS 1.2 handshakes.
+    pub tls_handshakes_12: Counter,
+    /// Completed TLS 1.3 handshakes.
+    pub tls_handshakes_13: Counter,
+    /// Handshakes that resumed a session (ticket or cache).
+    pub tls_resumptions: Counter,
+    /// Handshakes cut off at the handshake timeout.
+    pub tls_handshake_timeouts: Counter,
+    /// Handshakes the client abandoned (EOF, reset).
+    pub tls_handshake_closed: Counter,
+    /// Handshakes failed on a TLS error (alert sent).
+    pub tls_handshake_errors: Counter,
+    /// Certificate lookups answered by the exact server name.
+    pub tls_cert_exact: Counter,
+    /// Certificate lookups answered by a wildcard certificate.
+    pub tls_cert_wildcard: Counter,
+    /// Certificate lookups answered by the default certificate.
+    pub tls_cert_default: Counter,
+    /// Certificate lookups with no certificate (handshake refused).
+    pub tls_cert_miss: Counter,
+    /// Plain HTTP requests redirected to HTTPS.
+    pub https_redirects: Counter,
+    /// ACME HTTP-01 challenges answered.
+    pub acme_answers: Counter,
+    /// Requests answered 421 (Host not covered by the connection's certificate).
+    pub misdirected: Counter,
 }
 
 impl Default for WorkerStats {
@@ -127,6 +153,19 @@ impl WorkerStats {
             tunnels: Counter::default(),
             log_records: Counter::default(),
             log_drops: Counter::default(),
+            tls_handshakes_12: Counter::default(),
+            tls_handshakes_13: Counter::default(),
+            tls_resumptions: Counter::default(),
+            tls_handshake_timeouts: Counter::default(),
+            tls_handshake_closed: Counter::default(),
+            tls_handshake_errors: Counter::default(),
+            tls_cert_exact: Counter::default(),
+            tls_cert_wildcard: Counter::default(),
+            tls_cert_default: Counter::default(),
+            tls_cert_miss: Counter::default(),
+            https_redirects: Counter::default(),
+            acme_answers: Counter::default(),
+            misdirected: Counter::default(),
         }
     }
 
@@ -191,6 +230,19 @@ impl WorkerStats {
             tunnels: self.tunnels.get(),
             log_records: self.log_records.get(),
             log_drops: self.log_drops.get(),
+            tls_handshakes_12: self.tls_handshakes_12.get(),
+            tls_handshakes_13: self.tls_handshakes_13.get(),
+            tls_resumptions: self.tls_resumptions.get(),
+            tls_handshake_timeouts: self.tls_handshake_timeouts.get(),
+            tls_handshake_closed: self.tls_handshake_closed.get(),
+            tls_handshake_errors: self.tls_handshake_errors.get(),
+            tls_cert_exact: self.tls_cert_exact.get(),
+            tls_cert_wildcard: self.tls_cert_wildcard.get(),
+            tls_cert_default: self.tls_cert_default.get(),
+            tls_cert_miss: self.tls_cert_miss.get(),
+            https_redirects: self.https_redirects.get(),
+            acme_answers: self.acme_answers.get(),
+            misdirected: self.misdirected.get(),
         }
     }
 }
@@ -222,6 +274,19 @@ pub struct StatsSnapshot {
     pub tunnels: u64,
     pub log_records: u64,
     pub log_drops: u64,
+    pub tls_handshakes_12: u64,
+    pub tls_handshakes_13: u64,
+    pub tls_resumptions: u64,
+    pub tls_handshake_timeouts: u64,
+    pub tls_handshake_closed: u64,
+    pub tls_handshake_errors: u64,
+    pub tls_cert_exact: u64,
+    pub tls_cert_wildcard: u64,
+    pub tls_cert_default: u64,
+    pub tls_cert_miss: u64,
+    pub https_redirects: u64,
+    pub acme_answers: u64,
+    pub misdirected: u64,
 }
 
 #[cfg(test)]

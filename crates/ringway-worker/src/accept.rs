@@ -42,7 +42,7 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
 
 /// Accepts until shutdown, one task per connection. At `connections_per_worker_max` the loop
 /// pauses until a connection closes; the kernel backlog holds new arrivals meanwhile.
-pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
+pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener, tls: bool) {
     let mut last_error_log: Option<Instant> = None;
     loop {
         if w.shutdown.is_fired() {
@@ -68,7 +68,11 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
                 w.stats.connections_active.inc();
                 // The connection frees its slot when it closes (conn::closed), whether from
                 // this task or, after parking, from the parking lot or a resumed task.
-                monoio::spawn(conn::serve(w.clone(), stream, peer, Instant::now()));
+                if tls {
+                    monoio::spawn(conn::serve_tls(w.clone(), stream, peer, Instant::now()));
+                } else {
+                    monoio::spawn(conn::serve(w.clone(), stream, peer, Instant::now()));
+                }
             }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS: back off instead of spinning on the same error, and

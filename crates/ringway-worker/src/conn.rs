@@ -12,10 +12,11 @@
 //!   and its socket, not a 16 KiB read buffer (see the size test below).
 
 use crate::access;
+use crate::client::{ClientIo, ParkedTls};
 use crate::io::{RecvBuf, Timed};
-use crate::parking::{self, Parked};
+use crate::parking::Parked;
 use crate::proxy::{self, Client, Next, Upgraded};
-use crate::stream;
+use crate::tls::TlsConn;
 use crate::worker::Worker;
 use monoio::net::TcpStream;
 use std::future::Future;
@@ -31,7 +32,16 @@ enum Busy {
     Upgrade(Box<Upgraded>),
 }
 
-/// Serves a freshly accepted connection until it closes.
+fn client<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, trusted: bool) -> Client<S> {
+    Client {
+        io: Timed::new(io, w.deadlines.clone()),
+        peer,
+        trusted,
+        rb: RecvBuf::default(),
+    }
+}
+
+/// Serves a freshly accepted plain connection until it closes.
 pub fn serve(
     w: Rc<Worker>,
     stream: TcpStream,
@@ -39,17 +49,39 @@ pub fn serve(
     accepted: Instant,
 ) -> impl Future<Output = ()> {
     // Not async itself: an async fn would keep its arguments beside the `Client` built from
-    // them, and this future is what every idle connection costs.
+    // them, and this future is what every waiting connection costs.
     let _ = stream.set_nodelay(true);
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
-    let c = Client {
-        io: Timed::new(stream, w.deadlines.clone()),
-        peer,
-        trusted,
-        rb: RecvBuf::default(),
-    };
+    let c = client(&w, stream, peer, trusted);
     // A new connection starts busy: its first request is usually already on the way.
     run(w, c, accepted, 0, false, false)
+}
+
+/// Serves a freshly accepted TLS connection: handshake (within its timeout), then requests.
+pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted: Instant) {
+    let _ = stream.set_nodelay(true);
+    let Some(config) = w.tls.clone() else {
+        closed(&w);
+        return;
+    };
+    let conn = match TlsConn::new(stream, config) {
+        Ok(c) => c,
+        Err(_) => {
+            closed(&w);
+            return;
+        }
+    };
+    let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
+    let mut c = client(&w, conn, peer, trusted);
+    let r = Box::pin(crate::tls::handshake(&mut c.io, &w.certs, &w.stats, w.settings.tls_handshake)).await;
+    if let Err(e) = r {
+        tracing::debug!(worker = w.id, %peer, ?e, "TLS handshake failed");
+        c.io.release();
+        closed(&w);
+        return;
+    }
+    c.io.release();
+    Box::pin(run(w, c, accepted, 0, false, false)).await;
 }
 
 /// Continues a parked connection that became readable (or was closed by its client).
@@ -61,18 +93,22 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
         served,
         accepted,
         registered,
+        tls,
     } = p;
-    match TcpStream::from_std(stream) {
-        Ok(stream) => {
-            let c = Client {
-                io: Timed::new(stream, w.deadlines.clone()),
-                peer,
-                trusted,
-                rb: RecvBuf::default(),
-            };
+    let Ok(stream) = TcpStream::from_std(stream) else {
+        closed(&w);
+        return;
+    };
+    match tls {
+        None => {
+            let c = client(&w, stream, peer, trusted);
             Box::pin(run(w, c, accepted, served, true, registered)).await;
         }
-        Err(_) => closed(&w),
+        Some(t) => {
+            let ParkedTls { session, info } = *t;
+            let c = client(&w, TlsConn::from_parts(stream, session, Some(info)), peer, trusted);
+            Box::pin(run(w, c, accepted, served, true, registered)).await;
+        }
     }
 }
 
@@ -83,9 +119,9 @@ pub fn closed(w: &Worker) {
     w.slot_freed.notify();
 }
 
-async fn run(
+async fn run<S: ClientIo>(
     w: Rc<Worker>,
-    mut c: Client,
+    mut c: Client<S>,
     accepted: Instant,
     mut served: u64,
     mut readable: bool,
@@ -102,6 +138,11 @@ async fn run(
             c.rb = RecvBuf::default();
         }
         c.io.release();
+        if c.io.io.has_buffered() {
+            // TLS bytes already decrypted or received: no poll would report them.
+            readable = true;
+            continue;
+        }
         // The first request's head is due within the header timeout of the accept; later ones
         // may come within the keep-alive time.
         let wait = if served == 0 {
@@ -112,38 +153,32 @@ async fn run(
                 .keepalive_idle
                 .saturating_sub(w.settings.hot_read)
         };
-        if w.settings.park_idle && !w.shutdown.is_fired() {
+        if w.settings.park_idle && !w.shutdown.is_fired() && c.io.io.can_park() {
             // Hand the socket to the parking lot and end this task.
             let Client {
                 io, peer, trusted, ..
             } = c;
+            let (stream, tls) = io.into_inner().into_parked();
             let p = Parked {
-                stream: parking::into_std(io.io),
+                stream,
                 peer,
                 trusted,
                 served,
                 accepted,
                 registered,
+                tls,
             };
             match w.parking.park(p, Instant::now() + wait, served == 0) {
                 Ok(()) => return,
                 Err(p) => {
-                    // The epoll set refused it (descriptor limit): wait here instead.
-                    let Ok(stream) = TcpStream::from_std(p.stream) else {
-                        closed(&w);
-                        return;
-                    };
-                    c = Client {
-                        io: Timed::new(stream, w.deadlines.clone()),
-                        peer,
-                        trusted,
-                        rb: RecvBuf::default(),
-                    };
+                    // The epoll set refused it (descriptor limit): resume here instead.
+                    Box::pin(resume_refused(w, p)).await;
+                    return;
                 }
             }
         }
         tracing::debug!(worker = w.id, peer = %c.peer, ?wait, "idle wait");
-        if !idle_wait(&w, &c.io.io, wait).await {
+        if !idle_wait(&w, c.io.io.socket(), wait).await {
             break None;
         }
         readable = true;
@@ -151,7 +186,7 @@ async fn run(
     tracing::debug!(worker = w.id, peer = %c.peer, served, "closing connection");
     let Client { io, rb, .. } = c;
     let rb = match upgraded {
-        Some(u) => Box::pin(tunnel(&w, io, rb, u)).await,
+        Some(u) => Box::pin(tunnel(&w, io.into_inner(), rb, u)).await,
         None => rb,
     };
     if rb.buf.capacity() > 0 {
@@ -160,24 +195,50 @@ async fn run(
     closed(&w);
 }
 
+/// A connection the parking lot could not take waits in a task of its own instead.
+async fn resume_refused(w: Rc<Worker>, p: Parked) {
+    let Parked {
+        stream,
+        peer,
+        trusted,
+        served,
+        accepted,
+        tls,
+        ..
+    } = p;
+    let Ok(stream) = TcpStream::from_std(stream) else {
+        closed(&w);
+        return;
+    };
+    let wait = w.settings.keepalive_idle;
+    match tls {
+        None => {
+            let c = client(&w, stream, peer, trusted);
+            if idle_wait(&w, c.io.io.socket(), wait).await {
+                run(w, c, accepted, served, true, false).await;
+            } else {
+                closed(&w);
+            }
+        }
+        Some(t) => {
+            let ParkedTls { session, info } = *t;
+            let c = client(&w, TlsConn::from_parts(stream, session, Some(info)), peer, trusted);
+            if idle_wait(&w, c.io.io.socket(), wait).await {
+                run(w, c, accepted, served, true, false).await;
+            } else {
+                closed(&w);
+            }
+        }
+    }
+}
+
 /// Relays an upgraded connection, then logs the exchange that started it (its head is still
 /// in `rb`). Returns `rb` for recycling.
-async fn tunnel(w: &Worker, io: Timed<TcpStream>, rb: RecvBuf, u: Box<Upgraded>) -> RecvBuf {
+async fn tunnel<S: ClientIo>(w: &Worker, io: S, rb: RecvBuf, u: Box<Upgraded>) -> RecvBuf {
     let Upgraded { upstream, mut ex } = *u;
-    let bufs = (w.bufs.take(), w.bufs.take());
-    let (t, (a, b)) = stream::tunnel(
-        &w.deadlines,
-        io.io,
-        upstream,
-        bufs,
-        w.settings.tunnel_idle,
-        w.settings.client_write,
-    )
-    .await;
-    w.bufs.put(a);
-    w.bufs.put(b);
-    ex.bytes_in += t.client_to_upstream;
-    ex.bytes_out += t.upstream_to_client;
+    let (up, down) = io.tunnel(upstream, w).await;
+    ex.bytes_in += up;
+    ex.bytes_out += down;
     ex.finish(w, &rb.buf);
     rb
 }
@@ -189,9 +250,9 @@ pub const HOT_READERS_MAX: usize = 1024;
 
 /// Exchanges until the connection closes, upgrades, or stays quiet for the hot-read time.
 /// `readable`: the idle wait saw bytes arrive, so the first exchange reads them directly.
-async fn busy(
+async fn busy<S: ClientIo>(
     w: &Worker,
-    c: &mut Client,
+    c: &mut Client<S>,
     served: &mut u64,
     accepted: Instant,
     mut readable: bool,
@@ -231,7 +292,7 @@ enum Hot {
 }
 
 /// Reads with a posted buffer for up to `hot_read` (bounded by `deadline` for a first request).
-async fn hot_read(w: &Worker, c: &mut Client, deadline: Instant) -> Hot {
+async fn hot_read<S: ClientIo>(w: &Worker, c: &mut Client<S>, deadline: Instant) -> Hot {
     let hot = w.settings.hot_read;
     if hot.is_zero() || w.shutdown.is_fired() || w.hot_readers.get() >= HOT_READERS_MAX {
         return Hot::Quiet;
@@ -259,9 +320,8 @@ const LINGER_READ: Duration = Duration::from_millis(500);
 
 /// Half-closes the connection (the client sees the end of the answer) and reads and discards
 /// what the client still sends, for a bounded time, before the socket is closed.
-async fn linger(w: &Worker, c: &mut Client) {
-    use monoio::io::AsyncWriteRent;
-    let _ = c.io.io.shutdown().await;
+async fn linger<S: ClientIo>(w: &Worker, c: &mut Client<S>) {
+    c.io.io.shutdown_write();
     if c.rb.buf.capacity() == 0 {
         c.rb = RecvBuf::new(w.bufs.take());
     }
@@ -310,7 +370,7 @@ async fn idle_wait(w: &Worker, s: &TcpStream, dur: Duration) -> bool {
 mod tests {
     use super::*;
     use crate::settings::Settings;
-    use ringway_core::{RouteTable, WorkerStats};
+    use ringway_core::WorkerStats;
     use std::sync::Arc;
 
     /// An idle keep-alive connection costs its task: the connection future must stay small
@@ -325,10 +385,11 @@ mod tests {
             let w = Rc::new(Worker::new(
                 0,
                 Settings::from_config(&ringway_core::Config::default()),
-                Arc::new(RouteTable::new()),
+                ringway_core::snapshot::Tables::default(),
                 Arc::new(WorkerStats::new()),
                 None,
                 crate::parking::ParkingLot::new().unwrap(),
+                None,
             ));
             let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();

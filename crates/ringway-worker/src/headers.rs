@@ -6,6 +6,7 @@
 //! not set, the request id, and the framing the proxy chose for the client.
 
 use crate::settings::AddedHeader;
+use ringway_core::route::Hsts;
 use httparse::Header;
 use ringway_proto::token::{eq_ic, is_hop_by_hop};
 use ringway_proto::{BodyFraming, HeadWriter, Request, Response};
@@ -142,6 +143,8 @@ pub struct ResponseEdit<'a> {
     pub upgrade: bool,
     pub request_id: Option<&'a [u8]>,
     pub security: &'a [AddedHeader],
+    /// Strict-Transport-Security to add (HTTPS responses of routes that ask for it).
+    pub hsts: Option<Hsts>,
 }
 
 fn has_header(headers: &[Header<'_>], name: &[u8]) -> bool {
@@ -184,6 +187,20 @@ pub fn write_client_response(
         if s.override_app || !has_header(resp.headers, &s.name) {
             w.header(&s.name, &s.value);
         }
+    }
+    if let Some(h) = e.hsts
+        && !has_header(resp.headers, b"strict-transport-security")
+    {
+        w.header_with(b"Strict-Transport-Security", |o| {
+            o.extend_from_slice(b"max-age=");
+            ringway_proto::write::push_u64(o, u64::from(h.max_age_s));
+            if h.include_subdomains {
+                o.extend_from_slice(b"; includeSubDomains");
+            }
+            if h.preload {
+                o.extend_from_slice(b"; preload");
+            }
+        });
     }
     if let Some(id) = e.request_id
         && !has_header(resp.headers, b"x-request-id")
@@ -312,6 +329,7 @@ mod tests {
                 upgrade: false,
                 request_id: Some(b"rid"),
                 security: &sec,
+                hsts: None,
             },
         );
         assert_eq!(

@@ -9,7 +9,11 @@
 use crate::deadline::Deadlines;
 use crate::error::IoFail;
 use monoio::buf::{Slice, SliceMut};
-use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
+use monoio::io::{
+    CancelHandle, CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller, OwnedReadHalf,
+    OwnedWriteHalf,
+};
+use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
@@ -216,15 +220,70 @@ impl RecvBuf {
     }
 }
 
+/// A byte stream that reads into the spare capacity of a `Vec` and can be cancelled: TCP
+/// sockets, their read halves, and TLS connections (`crate::tls`).
+pub trait ReadIo {
+    fn read_into(
+        &mut self,
+        buf: SliceMut<Vec<u8>>,
+        c: CancelHandle,
+    ) -> impl Future<Output = monoio::BufResult<usize, SliceMut<Vec<u8>>>>;
+}
+
+/// A byte stream that writes from a `Vec` range and can be cancelled.
+pub trait WriteIo {
+    fn write_from(
+        &mut self,
+        buf: Slice<Vec<u8>>,
+        c: CancelHandle,
+    ) -> impl Future<Output = monoio::BufResult<usize, Slice<Vec<u8>>>>;
+}
+
+impl ReadIo for TcpStream {
+    fn read_into(
+        &mut self,
+        buf: SliceMut<Vec<u8>>,
+        c: CancelHandle,
+    ) -> impl Future<Output = monoio::BufResult<usize, SliceMut<Vec<u8>>>> {
+        self.cancelable_read(buf, c)
+    }
+}
+
+impl WriteIo for TcpStream {
+    fn write_from(
+        &mut self,
+        buf: Slice<Vec<u8>>,
+        c: CancelHandle,
+    ) -> impl Future<Output = monoio::BufResult<usize, Slice<Vec<u8>>>> {
+        self.cancelable_write(buf, c)
+    }
+}
+
+impl ReadIo for OwnedReadHalf<TcpStream> {
+    fn read_into(
+        &mut self,
+        buf: SliceMut<Vec<u8>>,
+        c: CancelHandle,
+    ) -> impl Future<Output = monoio::BufResult<usize, SliceMut<Vec<u8>>>> {
+        self.cancelable_read(buf, c)
+    }
+}
+
+impl WriteIo for OwnedWriteHalf<TcpStream> {
+    fn write_from(
+        &mut self,
+        buf: Slice<Vec<u8>>,
+        c: CancelHandle,
+    ) -> impl Future<Output = monoio::BufResult<usize, Slice<Vec<u8>>>> {
+        self.cancelable_write(buf, c)
+    }
+}
+
 /// Runs an I/O future until `timeout` resolves. On timeout the operation is cancelled through
 /// `canceller` and awaited to completion, so the buffer comes back.
-async fn timed<F, T, D>(
-    fut: F,
-    canceller: &mut Canceller,
-    timeout: D,
-) -> (monoio::BufResult<usize, T>, bool)
+pub async fn timed<F, T, D>(fut: F, canceller: &mut Canceller, timeout: D) -> (T, bool)
 where
-    F: Future<Output = monoio::BufResult<usize, T>>,
+    F: Future<Output = T>,
     D: Future<Output = ()>,
 {
     let mut fut = std::pin::pin!(fut);
@@ -283,9 +342,19 @@ impl<S> Timed<S> {
     pub fn release(&mut self) {
         self.canceller = None;
     }
+
+    /// Unwraps the socket (no operation may be in flight).
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+
+    /// The canceller for a custom timed operation (created on first use).
+    pub fn canceller(&mut self) -> &mut Canceller {
+        self.canceller.get_or_insert_with(Canceller::new)
+    }
 }
 
-impl<S: CancelableAsyncReadRent> Timed<S> {
+impl<S: ReadIo> Timed<S> {
     /// Appends what one read returns to `buf` (into its spare capacity, which must not be
     /// empty). `Ok(0)` is end of stream.
     pub async fn read_append(
@@ -310,7 +379,7 @@ impl<S: CancelableAsyncReadRent> Timed<S> {
         let canceller = self.canceller.get_or_insert_with(Canceller::new);
         let handle = canceller.handle();
         let ((res, slice), timed_out) =
-            timed(self.io.cancelable_read(slice, handle), canceller, timeout).await;
+            timed(self.io.read_into(slice, handle), canceller, timeout).await;
         let buf = slice.into_inner();
         match res {
             Ok(n) => (Ok(n), buf),
@@ -349,7 +418,7 @@ impl<S: CancelableAsyncReadRent> Timed<S> {
     }
 }
 
-impl<S: CancelableAsyncWriteRent> Timed<S> {
+impl<S: WriteIo> Timed<S> {
     /// Writes `buf[start..end]` completely, looping on short writes. Each write may wait `dur`
     /// for the peer to take bytes.
     pub async fn write_range(
@@ -365,7 +434,7 @@ impl<S: CancelableAsyncWriteRent> Timed<S> {
             let canceller = self.canceller.get_or_insert_with(Canceller::new);
             let handle = canceller.handle();
             let ((res, slice), timed_out) = timed(
-                self.io.cancelable_write(slice, handle),
+                self.io.write_from(slice, handle),
                 canceller,
                 self.deadlines.after(dur),
             )

@@ -12,6 +12,7 @@
 
 pub mod accept;
 pub mod access;
+pub mod client;
 pub mod conn;
 pub mod deadline;
 pub mod error;
@@ -25,8 +26,9 @@ pub mod route;
 pub mod runtime;
 pub mod settings;
 pub mod stream;
+pub mod tls;
 pub mod worker;
 
 pub use accept::bind_listeners;
-pub use runtime::{WorkerError, WorkerSpec, Workers, plan_cores, start};
+pub use runtime::{TlsSetup, WorkerError, WorkerSpec, Workers, plan_cores, server_config, start};
 pub use settings::Settings;

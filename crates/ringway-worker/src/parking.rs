@@ -33,6 +33,8 @@ pub struct Parked {
     pub accepted: Instant,
     /// The socket is already in the epoll set (disarmed): re-arm with MOD, not ADD.
     pub registered: bool,
+    /// The TLS session of an HTTPS connection.
+    pub tls: Option<Box<crate::client::ParkedTls>>,
 }
 
 #[derive(Debug)]
@@ -243,6 +245,7 @@ mod tests {
             served,
             accepted: Instant::now(),
             registered: false,
+            tls: None,
         }
     }
 

@@ -16,10 +16,12 @@
 //! request.
 
 use crate::access::{self, REQUEST_ID_BYTES_MAX};
+use crate::client::ClientIo;
 use crate::error::{ErrorKind, IoFail, ProxyError, Side, write_error_page};
 use crate::headers::{self, ClientFraming, Forwarding, ResponseEdit};
 use crate::io::{RecvBuf, Timed};
 use crate::route::{self, HostName, Target};
+use ringway_core::route::Hsts;
 use crate::stream::{self, Decode, Encode, End};
 use crate::worker::Worker;
 use monoio::net::TcpStream;
@@ -34,8 +36,8 @@ use std::time::{Instant, SystemTime};
 
 /// A client connection as the exchange sees it.
 #[derive(Debug)]
-pub struct Client {
-    pub io: Timed<TcpStream>,
+pub struct Client<S> {
+    pub io: Timed<S>,
     pub peer: SocketAddr,
     /// The peer is a trusted proxy (its forwarding headers are believed).
     pub trusted: bool,
@@ -168,6 +170,22 @@ struct Req {
     meta: RequestMeta,
 }
 
+/// Why `prepare` did not produce an upstream request.
+#[derive(Debug, Clone, Copy)]
+enum Early {
+    /// An error page.
+    Reject(Reject, Option<Req>),
+    /// `out` holds a complete answer the proxy wrote (a redirect, an ACME challenge).
+    Answer {
+        status: u16,
+        reason: &'static str,
+        close: bool,
+    },
+}
+
+/// ACME HTTP-01 challenge paths (RFC 8555 §8.3).
+const ACME_PREFIX: &[u8] = b"/.well-known/acme-challenge/";
+
 /// A request the proxy answers itself.
 #[derive(Debug, Clone, Copy)]
 struct Reject {
@@ -180,7 +198,12 @@ struct Reject {
 
 /// Runs one exchange on `c`. `head_deadline` bounds the wait for the complete request head.
 /// `last` marks the connection's final request (the response says Connection: close).
-pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: bool) -> Next {
+pub async fn exchange<S: ClientIo>(
+    w: &Worker,
+    c: &mut Client<S>,
+    head_deadline: Instant,
+    last: bool,
+) -> Next {
     let mut ex = Exchange::new(w, c.peer.ip());
     if c.rb.buf.capacity() == 0 {
         c.rb = RecvBuf::new(w.bufs.take());
@@ -202,13 +225,32 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
     let prepared = prepare(w, c, head_len, &mut ex, &mut out);
     let (req, target) = match prepared {
         Ok(x) => x,
-        Err((rej, req)) => {
+        Err(Early::Reject(rej, req)) => {
             w.stats.client_errors.inc();
             let head_only = req.is_some_and(|r| r.method == Method::Head);
             let body = req.is_some_and(|r| r.meta.framing != BodyFraming::None);
             let close = rej.close || body || last || req.is_none_or(|r| !r.meta.keep_alive);
             c.rb.consume(head_len);
             return reject(w, c, &mut ex, out, Reject { close, ..rej }, head_only).await;
+        }
+        Err(Early::Answer {
+            status,
+            reason,
+            close,
+        }) => {
+            // `out` holds the whole answer; a close is already announced in it.
+            let close = close || last;
+            ex.status = status;
+            ex.reason = reason;
+            c.rb.consume(head_len);
+            let (r, b) = c.io.write_all(out, w.settings.client_write).await;
+            if r.is_ok() {
+                ex.bytes_out += b.len() as u64;
+            }
+            w.bufs.put(b);
+            ex.finish(w, &c.rb.buf);
+            c.rb.compact();
+            return if close || r.is_err() { Next::Linger } else { Next::KeepAlive };
         }
     };
     ex.target = Some(target);
@@ -330,7 +372,8 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
 
     // Phase 5 (cont.): interim responses, then the final head.
     let plan = loop {
-        let plan = match plan_response(w, &req, &ex, &ubuf, &mut out, last || !body_sent) {
+        let hsts = if S::TLS { target.hsts } else { None };
+        let plan = match plan_response(w, &req, &ex, &ubuf, &mut out, last || !body_sent, hsts) {
             Ok(p) => p,
             Err(e) => {
                 w.bufs.put(ubuf.buf);
@@ -476,7 +519,7 @@ pub async fn exchange(w: &Worker, c: &mut Client, head_deadline: Instant, last: 
 /// Ends an exchange without an answer (the client is gone or the response is cut off).
 fn abort(
     w: &Worker,
-    c: &mut Client,
+    c: &mut Client<impl ClientIo>,
     ex: &mut Exchange,
     out: Vec<u8>,
     reason: &'static str,
@@ -494,7 +537,7 @@ fn abort(
 /// Phase 1. `Ok(None)`: the client closed (or went quiet) before sending a request.
 async fn read_head(
     w: &Worker,
-    c: &mut Client,
+    c: &mut Client<impl ClientIo>,
     deadline: Instant,
     ex: &mut Exchange,
 ) -> Result<Option<usize>, Reject> {
@@ -569,18 +612,18 @@ fn head_reason(e: HeadError) -> &'static str {
 
 /// Phase 2: everything about the request that needs no waiting. On success `out` holds the
 /// upstream head.
-fn prepare(
+fn prepare<S: ClientIo>(
     w: &Worker,
-    c: &Client,
+    c: &Client<S>,
     head_len: usize,
     ex: &mut Exchange,
     out: &mut Vec<u8>,
-) -> Result<(Req, Target), (Reject, Option<Req>)> {
+) -> Result<(Req, Target), Early> {
     let s = &w.settings;
     let buf = &c.rb.buf[..head_len];
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
     let r = parse_request(buf, &s.head, &mut slots).map_err(|e| {
-        (
+        Early::Reject(
             Reject {
                 status: e.status(),
                 reason: head_reason(e),
@@ -621,7 +664,7 @@ fn prepare(
 
     // Route phase.
     let host = match r.authority() {
-        Some(a) => HostName::parse(a).ok_or((
+        Some(a) => HostName::parse(a).ok_or(Early::Reject(
             Reject {
                 status: 400,
                 reason: "bad_host",
@@ -632,8 +675,55 @@ fn prepare(
         None => HostName::empty(),
     };
     ex.host = host;
+    let has_body = req.meta.framing != BodyFraming::None;
+
+    // ACME HTTP-01 challenges are answered from the store before any redirect or route, so
+    // certificates can be issued for hosts that redirect everything to HTTPS.
+    if !S::TLS
+        && let Some(token) = r.origin_target().strip_prefix(ACME_PREFIX)
+        && let Ok(token) = std::str::from_utf8(token)
+    {
+        let mut answer = Vec::new();
+        if w.acme.answer(token, &mut answer) {
+            w.stats.acme_answers.inc();
+            let mut hw = ringway_proto::HeadWriter::new(out);
+            hw.status_line(200, b"OK");
+            hw.header(b"Content-Type", b"text/plain");
+            hw.header_u64(b"Content-Length", answer.len() as u64);
+            hw.header(b"Cache-Control", b"no-store");
+            hw.header(b"X-Request-ID", ex.request_id());
+            if has_body || !req.meta.keep_alive {
+                hw.header(b"Connection", b"close");
+            }
+            hw.finish();
+            out.extend_from_slice(&answer);
+            return Err(Early::Answer {
+                status: 200,
+                reason: "acme_challenge",
+                close: has_body || !req.meta.keep_alive,
+            });
+        }
+    }
+
+    // TLS: the Host must be one this connection's certificate was chosen for (RFC 9110
+    // §15.5.20): a browser reusing a connection for another name gets 421 and retries.
+    if let Some(tls) = c.io.io.tls()
+        && !host.as_str().is_empty()
+        && !tls.allows_host(host.as_str())
+    {
+        w.stats.misdirected.inc();
+        return Err(Early::Reject(
+            Reject {
+                status: 421,
+                reason: "misdirected",
+                close: has_body,
+            },
+            Some(req),
+        ));
+    }
+
     let Some(target) = route::resolve(&w.routes, &host, w.next_pick(), s.body_bytes_max) else {
-        return Err((
+        return Err(Early::Reject(
             Reject {
                 status: 404,
                 reason: "no_route",
@@ -643,10 +733,39 @@ fn prepare(
         ));
     };
     ex.target = Some(target);
+
+    if !S::TLS && target.redirect_https {
+        // 301 keeps GET and HEAD; 308 keeps every other method and its body.
+        let status = if matches!(req.method, Method::Get | Method::Head) { 301 } else { 308 };
+        w.stats.https_redirects.inc();
+        let mut hw = ringway_proto::HeadWriter::new(out);
+        hw.status_line(status, crate::error::reason_phrase(status).as_bytes());
+        hw.header_with(b"Location", |o| {
+            o.extend_from_slice(b"https://");
+            o.extend_from_slice(host.as_bytes());
+            if let Some(port) = s.https_redirect_port {
+                o.push(b':');
+                ringway_proto::write::push_u64(o, u64::from(port));
+            }
+            o.extend_from_slice(r.origin_target());
+        });
+        hw.header(b"Content-Length", b"0");
+        hw.header(b"X-Request-ID", ex.request_id());
+        if has_body || !req.meta.keep_alive {
+            hw.header(b"Connection", b"close");
+        }
+        hw.finish();
+        return Err(Early::Answer {
+            status,
+            reason: "https_redirect",
+            close: has_body || !req.meta.keep_alive,
+        });
+    }
+
     if let BodyFraming::Length(n) = req.meta.framing
         && n > target.body_bytes_max
     {
-        return Err((
+        return Err(Early::Reject(
             Reject {
                 status: 413,
                 reason: "body_too_large",
@@ -664,7 +783,7 @@ fn prepare(
         &Forwarding {
             peer_ip: c.peer.ip(),
             trusted: c.trusted,
-            proto: b"http",
+            proto: if S::TLS { b"https" } else { b"http" },
             request_id: ex.request_id(),
             upgrade,
             strip_expect: true,
@@ -756,6 +875,7 @@ fn plan_response(
     ubuf: &RecvBuf,
     out: &mut Vec<u8>,
     force_close: bool,
+    hsts: Option<Hsts>,
 ) -> Result<Plan, ProxyError> {
     let s = &w.settings;
     let head_end = HeadScanner::new()
@@ -813,6 +933,7 @@ fn plan_response(
                 upgrade: true,
                 request_id: s.request_id_in_response.then(|| ex.request_id()),
                 security: &[],
+                hsts: None,
             },
         );
         return Ok(Plan {
@@ -867,6 +988,7 @@ fn plan_response(
             upgrade: false,
             request_id: s.request_id_in_response.then(|| ex.request_id()),
             security: &s.security_headers,
+            hsts,
         },
     );
     Ok(Plan {
@@ -885,7 +1007,7 @@ fn plan_response(
 /// unless the request was fully read and the connection may stay open.
 async fn reject(
     w: &Worker,
-    c: &mut Client,
+    c: &mut Client<impl ClientIo>,
     ex: &mut Exchange,
     mut out: Vec<u8>,
     rej: Reject,

@@ -6,7 +6,7 @@
 
 use ringway_core::RouteTable;
 use ringway_core::record::RouteIds;
-use ringway_core::route::{HOST_BYTES_MAX, normalize_host};
+use ringway_core::route::{HOST_BYTES_MAX, Hsts, normalize_host};
 use std::net::SocketAddr;
 
 /// What the exchange needs from the matched route.
@@ -15,6 +15,8 @@ pub struct Target {
     pub ids: RouteIds,
     pub upstream: SocketAddr,
     pub body_bytes_max: u64,
+    pub redirect_https: bool,
+    pub hsts: Option<Hsts>,
 }
 
 /// A normalised host kept on the stack for routing and logging.
@@ -72,6 +74,8 @@ pub fn resolve(
             },
             upstream,
             body_bytes_max: r.body_bytes_max.unwrap_or(default_body_max),
+            redirect_https: r.redirect_https,
+            hsts: r.hsts,
         })
     })?
 }

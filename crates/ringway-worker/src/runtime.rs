@@ -13,6 +13,7 @@ use crate::settings::Settings;
 use crate::worker::Worker;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use ringway_core::config::{DriverChoice, WorkersConfig};
+use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{Driver, LogProducer, RouteTable, Shutdown, WorkerStats};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -55,7 +56,12 @@ pub enum WorkerError {
 pub struct WorkerSpec {
     pub id: usize,
     pub core: Option<usize>,
-    pub listener: std::net::TcpListener,
+    /// Plain HTTP listener (None: HTTPS only).
+    pub listener: Option<std::net::TcpListener>,
+    /// HTTPS listener and the TLS set-up it needs.
+    pub https: Option<(std::net::TcpListener, TlsSetup)>,
+    pub certs: Arc<CertTable>,
+    pub acme: Arc<AcmeTable>,
     pub settings: Settings,
     pub routes: Arc<RouteTable>,
     pub stats: Arc<WorkerStats>,
@@ -69,6 +75,53 @@ pub struct WorkerSpec {
     /// Called once a second on each worker thread when it trims its pools: lets the binary ask
     /// its allocator to return memory a burst left behind (None: nothing to do).
     pub allocator_trim: Option<fn()>,
+}
+
+/// What every worker's TLS configuration shares.
+#[derive(Clone)]
+pub struct TlsSetup {
+    /// Session ticket keys, shared by all workers so a ticket resumes on any of them (None:
+    /// no tickets).
+    pub ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    /// Sessions each worker remembers for resumption by id.
+    pub session_cache_entries: usize,
+}
+
+impl std::fmt::Debug for TlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSetup")
+            .field("tickets", &self.ticketer.is_some())
+            .field("session_cache_entries", &self.session_cache_entries)
+            .finish()
+    }
+}
+
+/// Builds one worker's rustls configuration: TLS 1.2 and 1.3 with the aws-lc-rs provider,
+/// certificates by SNI from the shared table (lookups counted in this worker's stats), ALPN
+/// http/1.1, shared tickets and a per-worker session cache.
+pub fn server_config(
+    setup: &TlsSetup,
+    certs: Arc<CertTable>,
+    stats: Arc<WorkerStats>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut c = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(crate::tls::CertResolver { certs, stats }));
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    c.session_storage = if setup.session_cache_entries > 0 {
+        rustls::server::ServerSessionMemoryCache::new(setup.session_cache_entries)
+    } else {
+        Arc::new(rustls::server::NoServerSessionStorage {})
+    };
+    match &setup.ticketer {
+        Some(t) => c.ticketer = t.clone(),
+        // Without tickets, TLS 1.3 resumption uses the session cache (stateful tickets).
+        None => c.send_tls13_tickets = if setup.session_cache_entries > 0 { 2 } else { 0 },
+    }
+    c.max_early_data_size = 0;
+    Ok(Arc::new(c))
 }
 
 /// Which cores workers are pinned to: `None` per worker when pinning is off.
@@ -278,6 +331,9 @@ async fn worker_main(spec: WorkerSpec) {
     let WorkerSpec {
         id,
         listener,
+        https,
+        certs,
+        acme,
         settings,
         routes,
         stats,
@@ -287,12 +343,23 @@ async fn worker_main(spec: WorkerSpec) {
         allocator_trim,
         ..
     } = spec;
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
+    let to_monoio = |l: std::net::TcpListener| match monoio::net::TcpListener::from_std(l) {
+        Ok(l) => Some(l),
         Err(e) => {
             tracing::error!(worker = id, error = %e, "listener unusable");
-            return;
+            None
         }
+    };
+    let listener = listener.and_then(to_monoio);
+    let (https_listener, tls) = match https {
+        Some((l, setup)) => match server_config(&setup, certs.clone(), stats.clone()) {
+            Ok(cfg) => (to_monoio(l), Some(cfg)),
+            Err(e) => {
+                tracing::error!(worker = id, error = %e, "TLS configuration refused; HTTPS is off");
+                (None, None)
+            }
+        },
+        None => (None, None),
     };
     let parking = match crate::parking::ParkingLot::new() {
         Ok(p) => p,
@@ -301,7 +368,12 @@ async fn worker_main(spec: WorkerSpec) {
             return;
         }
     };
-    let w = Rc::new(Worker::new(id, settings, routes, stats, log, parking));
+    let tables = ringway_core::snapshot::Tables {
+        routes,
+        certs,
+        acme,
+    };
+    let w = Rc::new(Worker::new(id, settings, tables, stats, log, parking, tls));
     if w.settings.park_idle {
         monoio::spawn(parking_lot(w.clone()));
     }
@@ -342,7 +414,17 @@ async fn worker_main(spec: WorkerSpec) {
         }
     });
 
-    accept::accept_loop(w.clone(), listener).await;
+    // Both accept loops run until shutdown; the worker then drains.
+    let plain = listener.map(|l| accept::accept_loop(w.clone(), l, false));
+    let secure = https_listener.map(|l| accept::accept_loop(w.clone(), l, true));
+    match (plain, secure) {
+        (Some(a), Some(b)) => {
+            monoio::join!(a, b);
+        }
+        (Some(a), None) => a.await,
+        (None, Some(b)) => b.await,
+        (None, None) => {}
+    }
 
     // Drain: the listener is closed; in-flight exchanges finish (each answers with
     // Connection: close) until none is left or the grace period ends.

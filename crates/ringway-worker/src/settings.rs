@@ -28,6 +28,9 @@ pub struct Settings {
     pub keepalive_idle: Duration,
     pub hot_read: Duration,
     pub park_idle: bool,
+    pub tls_handshake: Duration,
+    /// Port for redirects to HTTPS (None: 443, left out of the URL).
+    pub https_redirect_port: Option<u16>,
     pub body_read: Duration,
     pub client_write: Duration,
     pub upstream_connect: Duration,
@@ -61,6 +64,12 @@ impl Settings {
             keepalive_idle: ms(t.keepalive_idle_ms),
             hot_read: ms(t.hot_read_ms),
             park_idle: c.workers.park_idle,
+            tls_handshake: ms(c.tls.handshake_timeout_ms),
+            https_redirect_port: c
+                .tls
+                .redirect_port
+                .or(c.listen.https.map(|a| a.port()))
+                .filter(|p| *p != 443),
             body_read: ms(t.body_read_ms),
             client_write: ms(t.client_write_ms),
             upstream_connect: ms(t.upstream_connect_ms),

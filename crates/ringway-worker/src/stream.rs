@@ -10,7 +10,8 @@
 use crate::deadline::Deadlines;
 use crate::error::{ErrorKind, IoFail, ProxyError, Side};
 use crate::io::{BufPool, RecvBuf, Timed};
-use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Splitable};
+use crate::io::{ReadIo, WriteIo};
+use monoio::io::Splitable;
 use monoio::net::TcpStream;
 use ringway_proto::ChunkedDecoder;
 use ringway_proto::chunked::{CHUNK_DATA_END, LAST_CHUNK, write_chunk_size};
@@ -74,8 +75,8 @@ pub async fn pump<R, W>(
     bufs: &BufPool,
 ) -> (Result<(), ProxyError>, Pumped)
 where
-    R: CancelableAsyncReadRent,
-    W: CancelableAsyncWriteRent,
+    R: ReadIo,
+    W: WriteIo,
 {
     let mut n = Pumped::default();
     // Chunked output is gathered: give it a body-sized buffer, so it leaves in large writes.
@@ -278,8 +279,8 @@ async fn relay<R, W>(
     write_timeout: Duration,
 ) -> (u64, Vec<u8>)
 where
-    R: CancelableAsyncReadRent,
-    W: CancelableAsyncWriteRent,
+    R: ReadIo,
+    W: WriteIo,
 {
     let mut total = 0u64;
     loop {

@@ -10,6 +10,8 @@ use crate::parking::ParkingLot;
 use crate::pool::Pool;
 use crate::settings::Settings;
 use monoio::net::TcpStream;
+use ringway_core::snapshot::Tables;
+use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{LogEntry, LogProducer, RouteTable, WorkerStats};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -38,17 +40,28 @@ pub struct Worker {
     pub hot_readers: Cell<usize>,
     /// Idle connections parked without a task.
     pub parking: ParkingLot,
+    /// TLS configuration of this worker's HTTPS listener (its certificate resolver counts
+    /// into this worker's stats).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub certs: Arc<CertTable>,
+    pub acme: Arc<AcmeTable>,
 }
 
 impl Worker {
     pub fn new(
         id: usize,
         settings: Settings,
-        routes: Arc<RouteTable>,
+        tables: Tables,
         stats: Arc<WorkerStats>,
         log: Option<LogProducer>,
         parking: ParkingLot,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Self {
+        let Tables {
+            routes,
+            certs,
+            acme,
+        } = tables;
         let pool = Pool::new(
             settings.idle_per_upstream_max,
             settings.upstream_idle_timeout,
@@ -75,6 +88,9 @@ impl Worker {
             deadlines: Rc::new(Deadlines::default()),
             hot_readers: Cell::new(0),
             parking,
+            tls,
+            certs,
+            acme,
         }
     }
 

@@ -6,8 +6,9 @@
 use anyhow::{Context, bail};
 use ringway_control::{ControlHandle, ControlParams};
 use ringway_core::config::Config;
+use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{Driver, RouteTable, Shutdown, WorkerStats, log_ring};
-use ringway_worker::{Settings, WorkerSpec, Workers};
+use ringway_worker::{Settings, TlsSetup, WorkerSpec, Workers};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,7 +53,11 @@ pub struct Options {
 /// A running proxy.
 #[derive(Debug)]
 pub struct Running {
-    pub http_addr: SocketAddr,
+    /// Address of the plain HTTP listener (None: off).
+    pub http_addr: Option<SocketAddr>,
+    /// Address of the HTTPS listener (None: off).
+    pub https_addr: Option<SocketAddr>,
+    pub certs: Arc<CertTable>,
     pub admin_addr: Option<SocketAddr>,
     pub routes: Arc<RouteTable>,
     pub worker_stats: Vec<Arc<WorkerStats>>,
@@ -105,17 +110,44 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
     let routes_path = resolve(base, &config.routes.file);
     let (initial, routes_hash) = ringway_control::file_store::load_routes_file_hashed(&routes_path)
         .with_context(|| "loading routes (the file store is the route source)")?;
-    let routes = Arc::new(RouteTable::new());
-    routes.apply(&initial);
+    let tables = ringway_control::Tables {
+        routes: Arc::new(RouteTable::new()),
+        certs: Arc::new(CertTable::new()),
+        acme: Arc::new(AcmeTable::new()),
+    };
+    tables.apply(&initial);
+    let routes = tables.routes.clone();
 
     let cores = ringway_worker::plan_cores(&config.workers);
     let n = cores.len();
-    let Some(http) = config.listen.http else {
-        bail!("no listener configured: set listen.http");
+    if config.listen.http.is_none() && config.listen.https.is_none() {
+        bail!("no listener configured: set listen.http or listen.https");
+    }
+    let bind = |addr: Option<SocketAddr>| -> anyhow::Result<Vec<Option<std::net::TcpListener>>> {
+        match addr {
+            Some(a) => Ok(ringway_worker::bind_listeners(a, n, config.listen.backlog)
+                .with_context(|| format!("binding {a}"))?
+                .into_iter()
+                .map(Some)
+                .collect()),
+            None => Ok((0..n).map(|_| None).collect()),
+        }
     };
-    let listeners = ringway_worker::bind_listeners(http, n, config.listen.backlog)
-        .with_context(|| format!("binding {http}"))?;
-    let http_addr = listeners[0].local_addr()?;
+    let listeners = bind(config.listen.http)?;
+    let https_listeners = bind(config.listen.https)?;
+    let http_addr = listeners[0].as_ref().map(|l| l.local_addr()).transpose()?;
+    let https_addr = https_listeners[0].as_ref().map(|l| l.local_addr()).transpose()?;
+    if https_addr.is_some() && tables.certs.is_empty() {
+        tracing::warn!("listen.https is set but the routes file names no certificate: every handshake will be refused");
+    }
+    let tls_setup = TlsSetup {
+        ticketer: if config.tls.tickets {
+            Some(rustls::crypto::aws_lc_rs::Ticketer::new().context("creating the TLS ticket keys")?)
+        } else {
+            None
+        },
+        session_cache_entries: config.tls.session_cache_entries,
+    };
     let admin = match config.admin.listen {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -144,7 +176,9 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
 
     let control = ringway_control::start(ControlParams {
         routes_path,
-        routes_loaded_hash: Some(routes_hash),
+        initial: Some((initial, routes_hash)),
+        certs: tables.certs.clone(),
+        acme: tables.acme.clone(),
         routes_poll: Duration::from_millis(config.routes.poll_interval_ms),
         access_log: config
             .access_log
@@ -162,12 +196,16 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
     let settings = Settings::from_config(&config);
     let specs: Vec<WorkerSpec> = listeners
         .into_iter()
+        .zip(https_listeners)
         .zip(producers)
         .enumerate()
-        .map(|(id, (listener, log))| WorkerSpec {
+        .map(|(id, ((listener, https), log))| WorkerSpec {
             id,
             core: cores[id],
             listener,
+            https: https.map(|l| (l, tls_setup.clone())),
+            certs: tables.certs.clone(),
+            acme: tables.acme.clone(),
             settings: settings.clone(),
             routes: routes.clone(),
             stats: worker_stats[id].clone(),
@@ -191,16 +229,20 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
     };
     let drivers = workers.drivers.clone();
     let uring = drivers.iter().filter(|d| **d == Driver::IoUring).count();
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    let (http_s, https_s) = (show(http_addr), show(https_addr));
     if uring == n {
-        tracing::info!(%http_addr, workers = n, driver = "io_uring", "ringway listening");
+        tracing::info!(http_addr = %http_s, https_addr = %https_s, workers = n, driver = "io_uring", "ringway listening");
     } else {
-        tracing::warn!(%http_addr, workers = n, io_uring = uring, legacy = n - uring, "ringway listening; some workers run on the epoll driver");
+        tracing::warn!(http_addr = %http_s, https_addr = %https_s, workers = n, io_uring = uring, legacy = n - uring, "ringway listening; some workers run on the epoll driver");
     }
     if let Some(a) = admin_addr {
         tracing::info!(admin = %a, "admin listener: /metrics /healthz /readyz");
     }
     Ok(Running {
         http_addr,
+        https_addr,
+        certs: tables.certs.clone(),
         admin_addr,
         routes,
         worker_stats,

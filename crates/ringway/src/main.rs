@@ -37,10 +37,23 @@ enum Command {
         #[arg(long, short, default_value = "examples/ringway.toml")]
         config: PathBuf,
     },
-    /// Check a config file and the routes file it names; exit 0 if both are valid.
+    /// Check a config file and the routes file it names (with its certificates); exit 0 if
+    /// all are valid.
     CheckConfig {
         /// Config file (TOML).
         config: PathBuf,
+    },
+    /// Write a self-signed certificate and key (ECDSA P-256) for local HTTPS testing.
+    DevCert {
+        /// Names the certificate covers.
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+        /// Certificate file to write (PEM).
+        #[arg(long, default_value = "localhost.crt")]
+        cert: PathBuf,
+        /// Private key file to write (PEM).
+        #[arg(long, default_value = "localhost.key")]
+        key: PathBuf,
     },
 }
 
@@ -57,6 +70,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check(config),
+        Command::DevCert { names, cert, key } => dev_cert(&names, &cert, &key),
     };
     if let Err(e) = result {
         eprintln!("ringway: {e:#}");
@@ -85,15 +99,30 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     let set = ringway_control::file_store::load_routes_file(&routes_path)
         .with_context(|| format!("routes file {}", routes_path.display()))?;
     println!(
-        "{}: ok ({} host patterns{}, routes from {})",
+        "{}: ok ({} host patterns{}, {} certificates{}, routes from {})",
         path.display(),
-        set.hosts.len(),
-        if set.default.is_some() {
-            ", default route"
-        } else {
-            ""
-        },
+        set.routes.hosts.len(),
+        if set.routes.default.is_some() { ", default route" } else { "" },
+        set.certs.entries.len(),
+        if set.certs.default.is_some() { ", default certificate" } else { "" },
         routes_path.display()
+    );
+    Ok(())
+}
+
+fn dev_cert(names: &[String], cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<()> {
+    let (c, k) = ringway_control::certs::self_signed(names)?;
+    for (path, text) in [(cert, c), (key, k)] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "wrote {} and {} (self-signed for {}; for development only)",
+        cert.display(),
+        key.display(),
+        names.join(", ")
     );
     Ok(())
 }

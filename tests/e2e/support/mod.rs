@@ -71,7 +71,7 @@ impl TestProxy {
             },
         )
         .unwrap();
-        let addr = running.http_addr;
+        let addr = running.http_addr.unwrap();
         let admin = running.admin_addr.unwrap();
         TestProxy {
             running: Some(running),

@@ -1,0 +1,32 @@
+//! Everything a store publishes in one go.
+
+use crate::route::{RouteSet, RouteTable};
+use crate::tls::{AcmeTable, CertSet, CertTable};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A complete state from a route store: routes, certificates, ACME challenge answers.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub routes: RouteSet,
+    pub certs: CertSet,
+    /// ACME HTTP-01 token to key authorization.
+    pub acme: HashMap<String, Box<str>>,
+}
+
+/// The lock-free tables a store fills and the workers read.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub routes: Arc<RouteTable>,
+    pub certs: Arc<CertTable>,
+    pub acme: Arc<AcmeTable>,
+}
+
+impl Tables {
+    /// Makes every table equal to `snap`.
+    pub fn apply(&self, snap: &Snapshot) {
+        self.routes.apply(&snap.routes);
+        self.certs.apply(&snap.certs);
+        self.acme.apply(&snap.acme);
+    }
+}
