@@ -8,5 +8,6 @@ mod process;
 mod reload;
 mod smuggling;
 mod support;
+mod tls;
 mod upstream;
 mod websocket;

@@ -38,6 +38,24 @@ pub enum CertError {
     NotCovered(String, Vec<String>),
 }
 
+impl CertError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CertError::NoCertificate => "no_certificate",
+            CertError::Chain(_) => "bad_chain",
+            CertError::Key(_) => "bad_key",
+            CertError::UnsupportedKey(_) => "unsupported_key",
+            CertError::KeyMismatch => "key_mismatch",
+            CertError::Leaf(_) => "bad_leaf",
+            CertError::Expired(_) => "expired",
+            CertError::NotYetValid(_) => "not_yet_valid",
+            CertError::NoNames => "no_names",
+            CertError::NotCovered(..) => "not_covered",
+        }
+    }
+}
+
 /// Hash of the PEM inputs: tells whether a certificate changed.
 pub fn fingerprint(chain_pem: &[u8], key_pem: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -67,8 +85,8 @@ pub fn load(
         .load_private_key(key)
         .map_err(|e| CertError::UnsupportedKey(e.to_string()))?;
 
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| CertError::Leaf(e.to_string()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| CertError::Leaf(e.to_string()))?;
     let not_before = parsed.validity().not_before.timestamp();
     let not_after = parsed.validity().not_after.timestamp();
     if now_unix < not_before {
@@ -86,7 +104,9 @@ pub fn load(
                 }
                 x509_parser::extensions::GeneralName::IPAddress(b) => {
                     let ip = match b.len() {
-                        4 => <[u8; 4]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                        4 => <[u8; 4]>::try_from(*b)
+                            .ok()
+                            .map(|a| std::net::IpAddr::from(a).to_string()),
                         16 => <[u8; 16]>::try_from(*b)
                             .ok()
                             .map(|a| format!("[{}]", std::net::Ipv6Addr::from(a))),
@@ -108,10 +128,17 @@ pub fn load(
             let h = h.trim_end_matches('.').to_ascii_lowercase();
             let covered = names.iter().any(|n| {
                 // A wildcard host entry must be matched by the same wildcard name.
-                if h.starts_with("*.") { **n == *h } else { name_covers(n, &h) }
+                if h.starts_with("*.") {
+                    **n == *h
+                } else {
+                    name_covers(n, &h)
+                }
             });
             if !covered {
-                return Err(CertError::NotCovered(h, names.iter().map(|n| n.to_string()).collect()));
+                return Err(CertError::NotCovered(
+                    h,
+                    names.iter().map(|n| n.to_string()).collect(),
+                ));
             }
         }
     }
@@ -129,7 +156,8 @@ pub fn load(
 
 /// A self-signed certificate and key (PEM) for development, ECDSA P-256.
 pub fn self_signed(names: &[String]) -> Result<(String, String), CertError> {
-    let ck = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| CertError::Leaf(e.to_string()))?;
+    let ck = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| CertError::Leaf(e.to_string()))?;
     Ok((ck.cert.pem(), ck.key_pair.serialize_pem()))
 }
 
@@ -152,8 +180,18 @@ mod tests {
     #[test]
     fn accepts_a_good_certificate() {
         let (c, k) = leaf(&["example.com", "*.example.com"]);
-        let e = load("ex", c.as_bytes(), k.as_bytes(), Some(&["example.com".into(), "a.example.com".into()]), unix_now()).unwrap();
-        assert_eq!(&*e.names, &["example.com".into(), "*.example.com".into()] as &[Box<str>]);
+        let e = load(
+            "ex",
+            c.as_bytes(),
+            k.as_bytes(),
+            Some(&["example.com".into(), "a.example.com".into()]),
+            unix_now(),
+        )
+        .unwrap();
+        assert_eq!(
+            &*e.names,
+            &["example.com".into(), "*.example.com".into()] as &[Box<str>]
+        );
         assert!(e.covers("b.example.com"));
         assert!(!e.covers("b.c.example.com"));
         assert!(e.not_after_unix > unix_now());
@@ -175,7 +213,13 @@ mod tests {
             Err(CertError::Expired(_))
         ));
         assert!(matches!(
-            load("a", c.as_bytes(), k.as_bytes(), Some(&["b.test".into()]), unix_now()),
+            load(
+                "a",
+                c.as_bytes(),
+                k.as_bytes(),
+                Some(&["b.test".into()]),
+                unix_now()
+            ),
             Err(CertError::NotCovered(..))
         ));
         assert!(matches!(

@@ -156,7 +156,10 @@ pub fn parse_routes(text: &str) -> Result<RouteSet, String> {
 pub fn parse_file(text: &str) -> Result<(RouteSet, FileExtras), String> {
     let file: RoutesFile = toml::from_str(text).map_err(|e| e.to_string())?;
     if file.certificates.len() > CERTIFICATES_MAX {
-        return Err(format!("{} certificates; at most {CERTIFICATES_MAX}", file.certificates.len()));
+        return Err(format!(
+            "{} certificates; at most {CERTIFICATES_MAX}",
+            file.certificates.len()
+        ));
     }
     let mut cert_names = std::collections::HashSet::new();
     for c in &file.certificates {
@@ -164,7 +167,10 @@ pub fn parse_file(text: &str) -> Result<(RouteSet, FileExtras), String> {
             return Err(format!("certificate {:?}: empty or duplicate name", c.name));
         }
         if c.self_signed_if_missing && c.hosts.as_ref().is_none_or(|h| h.is_empty()) {
-            return Err(format!("certificate {:?}: self_signed_if_missing needs hosts", c.name));
+            return Err(format!(
+                "certificate {:?}: self_signed_if_missing needs hosts",
+                c.name
+            ));
         }
     }
     if let Some(d) = &file.tls.default_certificate
@@ -264,12 +270,17 @@ pub fn build_snapshot(
             Ok(entry) => {
                 certs.entries.insert(spec.name.clone(), entry);
             }
-            Err(why) => {
+            Err((reason, why)) => {
+                certs.refused.push((spec.name.clone(), reason));
                 let kept = previous.get(&spec.name).cloned();
                 warnings.push(format!(
                     "certificate {:?} refused: {why}{}",
                     spec.name,
-                    if kept.is_some() { "; the previous version stays in service" } else { "" }
+                    if kept.is_some() {
+                        "; the previous version stays in service"
+                    } else {
+                        ""
+                    }
                 ));
                 if let Some(k) = kept {
                     certs.entries.insert(spec.name.clone(), k);
@@ -278,16 +289,24 @@ pub fn build_snapshot(
         }
     }
     for spec in &extras.certificates {
-        let Some(entry) = certs.entries.get(&spec.name) else { continue };
+        let Some(entry) = certs.entries.get(&spec.name) else {
+            continue;
+        };
         let names: Vec<String> = match &spec.hosts {
-            Some(h) => h.iter().map(|n| n.trim_end_matches('.').to_ascii_lowercase()).collect(),
+            Some(h) => h
+                .iter()
+                .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
             None => entry.names.iter().map(|n| n.to_string()).collect(),
         };
         for n in names {
             if let Some(other) = certs.by_name.insert(n.clone(), entry.clone())
                 && !Arc::ptr_eq(&other, entry)
             {
-                warnings.push(format!("{n:?} is named by certificates {:?} and {:?}; {:?} serves it", other.name, entry.name, entry.name));
+                warnings.push(format!(
+                    "{n:?} is named by certificates {:?} and {:?}; {:?} serves it",
+                    other.name, entry.name, entry.name
+                ));
             }
         }
     }
@@ -298,30 +317,55 @@ pub fn build_snapshot(
         Some(dir) => read_acme_dir(&resolve(base, dir), &mut warnings),
         None => HashMap::new(),
     };
-    Ok((Snapshot { routes, certs, acme }, warnings))
+    Ok((
+        Snapshot {
+            routes,
+            certs,
+            acme,
+        },
+        warnings,
+    ))
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 /// Reads and validates one certificate; reuses `previous` when the files did not change.
-fn load_cert(spec: &CertSpec, base: &Path, previous: Option<&Arc<CertEntry>>, now: i64) -> Result<Arc<CertEntry>, String> {
+/// Errors are (reason label, message).
+fn load_cert(
+    spec: &CertSpec,
+    base: &Path,
+    previous: Option<&Arc<CertEntry>>,
+    now: i64,
+) -> Result<Arc<CertEntry>, (&'static str, String)> {
     let cert_path = resolve(base, &spec.cert);
     let key_path = resolve(base, &spec.key);
     if spec.self_signed_if_missing && !cert_path.exists() && !key_path.exists() {
         let hosts = spec.hosts.clone().unwrap_or_default();
-        let (c, k) = certs::self_signed(&hosts).map_err(|e| e.to_string())?;
+        let (c, k) = certs::self_signed(&hosts).map_err(|e| ("generate", e.to_string()))?;
         for (path, text) in [(&cert_path, c), (&key_path, k)] {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| ("generate", format!("creating {}: {e}", dir.display())))?;
             }
-            std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            std::fs::write(path, text)
+                .map_err(|e| ("generate", format!("writing {}: {e}", path.display())))?;
         }
         tracing::warn!(certificate = %spec.name, cert = %cert_path.display(), "generated a self-signed certificate (development only)");
     }
-    let chain = std::fs::read(&cert_path).map_err(|e| format!("reading {}: {e}", cert_path.display()))?;
-    let key = std::fs::read(&key_path).map_err(|e| format!("reading {}: {e}", key_path.display()))?;
+    let chain = std::fs::read(&cert_path).map_err(|e| {
+        (
+            "unreadable",
+            format!("reading {}: {e}", cert_path.display()),
+        )
+    })?;
+    let key = std::fs::read(&key_path)
+        .map_err(|e| ("unreadable", format!("reading {}: {e}", key_path.display())))?;
     if let Some(p) = previous
         && p.fingerprint == certs::fingerprint(&chain, &key)
         && p.not_after_unix >= now
@@ -330,7 +374,7 @@ fn load_cert(spec: &CertSpec, base: &Path, previous: Option<&Arc<CertEntry>>, no
     }
     certs::load(&spec.name, &chain, &key, spec.hosts.as_deref(), now)
         .map(Arc::new)
-        .map_err(|e| e.to_string())
+        .map_err(|e| (e.reason(), e.to_string()))
 }
 
 /// Token files of an ACME HTTP-01 challenge directory (as certbot's webroot writes them).
@@ -342,13 +386,20 @@ fn read_acme_dir(dir: &Path, warnings: &mut Vec<String>) -> HashMap<String, Box<
     };
     for entry in rd.flatten() {
         if out.len() >= ACME_TOKENS_MAX {
-            warnings.push(format!("{}: more than {ACME_TOKENS_MAX} tokens; the rest are ignored", dir.display()));
+            warnings.push(format!(
+                "{}: more than {ACME_TOKENS_MAX} tokens; the rest are ignored",
+                dir.display()
+            ));
             break;
         }
         let name = entry.file_name();
         let Some(token) = name.to_str() else { continue };
         // RFC 8555 §8.3: tokens are base64url.
-        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if token.is_empty()
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
@@ -436,14 +487,19 @@ impl FileStore {
             watched: Vec::new(),
             hash: loaded.map(|(_, h)| h),
             started: false,
-            certs: loaded.map(|(snap, _)| snap.certs.entries.clone()).unwrap_or_default(),
+            certs: loaded
+                .map(|(snap, _)| snap.certs.entries.clone())
+                .unwrap_or_default(),
         };
         s.watch_list();
         s
     }
 
     fn base(&self) -> PathBuf {
-        self.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 
     /// Recomputes the files to watch from the routes file as it is now.

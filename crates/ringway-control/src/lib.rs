@@ -123,8 +123,9 @@ pub fn start(p: ControlParams) -> Result<ControlHandle, ControlError> {
         l.set_nonblocking(true).map_err(ControlError::Admin)?;
     }
     let stats = Arc::new(ControlStats::default());
-    if p.initial.is_some() {
+    if let Some((snap, _)) = &p.initial {
         // The caller's initial load counts as the first successful load.
+        stats.note_refusals(&snap.certs.refused);
         ControlStats::inc(&stats.route_loads_ok);
         stats
             .route_last_load_unix
@@ -161,6 +162,7 @@ async fn follow_store(mut store: impl RouteStore, tables: Tables, stats: Arc<Con
                 match ev {
                     StoreEvent::Full(snap) => {
                         tables.apply(&snap);
+                        stats.note_refusals(&snap.certs.refused);
                         tracing::info!(
                             store = store.kind(),
                             hosts = snap.routes.hosts.len(),

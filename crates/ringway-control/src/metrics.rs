@@ -16,11 +16,25 @@ pub struct ControlStats {
     pub route_last_load_unix: AtomicU64,
     pub access_log_lines: AtomicU64,
     pub access_log_errors: AtomicU64,
+    /// Certificates refused by store loads (each load that refuses one counts it).
+    pub cert_refusals: AtomicU64,
+    /// Certificates the latest load refused: (store name, reason). Control plane only.
+    pub certs_refused_now: std::sync::Mutex<Vec<(String, &'static str)>>,
 }
 
 impl ControlStats {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records what a store load refused.
+    pub fn note_refusals(&self, refused: &[(String, &'static str)]) {
+        self.cert_refusals
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        if let Ok(mut now) = self.certs_refused_now.lock() {
+            now.clear();
+            now.extend_from_slice(refused);
+        }
     }
 }
 
@@ -249,7 +263,7 @@ pub fn render(
         |s| s.log_drops,
     );
 
-    render_tls(&mut out, &snaps, certs);
+    render_tls(&mut out, &snaps, certs, control);
     family(
         &mut out,
         "ringway_routes",
@@ -316,42 +330,156 @@ pub fn render(
     out
 }
 
-fn render_tls(out: &mut String, snaps: &[StatsSnapshot], certs: &CertTable) {
-    family(out, "ringway_tls_handshakes_total", "counter", "Completed TLS handshakes, by protocol version.");
+fn render_tls(
+    out: &mut String,
+    snaps: &[StatsSnapshot],
+    certs: &CertTable,
+    control: &ControlStats,
+) {
+    family(
+        out,
+        "ringway_tls_handshakes_total",
+        "counter",
+        "Completed TLS handshakes, by protocol version.",
+    );
     for (i, s) in snaps.iter().enumerate() {
-        let _ = writeln!(out, "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.2\"}} {}", s.tls_handshakes_12);
-        let _ = writeln!(out, "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.3\"}} {}", s.tls_handshakes_13);
+        let _ = writeln!(
+            out,
+            "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.2\"}} {}",
+            s.tls_handshakes_12
+        );
+        let _ = writeln!(
+            out,
+            "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.3\"}} {}",
+            s.tls_handshakes_13
+        );
     }
-    family(out, "ringway_tls_handshake_failures_total", "counter", "TLS handshakes that did not complete, by reason.");
+    family(
+        out,
+        "ringway_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that did not complete, by reason.",
+    );
     for (i, s) in snaps.iter().enumerate() {
-        for (reason, v) in [("timeout", s.tls_handshake_timeouts), ("closed", s.tls_handshake_closed), ("error", s.tls_handshake_errors)] {
-            let _ = writeln!(out, "ringway_tls_handshake_failures_total{{worker=\"{i}\",reason=\"{reason}\"}} {v}");
+        for (reason, v) in [
+            ("timeout", s.tls_handshake_timeouts),
+            ("closed", s.tls_handshake_closed),
+            ("error", s.tls_handshake_errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "ringway_tls_handshake_failures_total{{worker=\"{i}\",reason=\"{reason}\"}} {v}"
+            );
         }
     }
-    per_worker(out, snaps, "ringway_tls_resumptions_total", "counter", "TLS handshakes that resumed a session (ticket or cache).", |s| s.tls_resumptions);
-    family(out, "ringway_tls_certificate_lookups_total", "counter", "Certificate lookups during handshakes, by outcome (miss: handshake refused).");
+    per_worker(
+        out,
+        snaps,
+        "ringway_tls_resumptions_total",
+        "counter",
+        "TLS handshakes that resumed a session (ticket or cache).",
+        |s| s.tls_resumptions,
+    );
+    family(
+        out,
+        "ringway_tls_certificate_lookups_total",
+        "counter",
+        "Certificate lookups during handshakes, by outcome (miss: handshake refused).",
+    );
     for (i, s) in snaps.iter().enumerate() {
-        for (outcome, v) in [("exact", s.tls_cert_exact), ("wildcard", s.tls_cert_wildcard), ("default", s.tls_cert_default), ("miss", s.tls_cert_miss)] {
-            let _ = writeln!(out, "ringway_tls_certificate_lookups_total{{worker=\"{i}\",outcome=\"{outcome}\"}} {v}");
+        for (outcome, v) in [
+            ("exact", s.tls_cert_exact),
+            ("wildcard", s.tls_cert_wildcard),
+            ("default", s.tls_cert_default),
+            ("miss", s.tls_cert_miss),
+        ] {
+            let _ = writeln!(
+                out,
+                "ringway_tls_certificate_lookups_total{{worker=\"{i}\",outcome=\"{outcome}\"}} {v}"
+            );
         }
     }
-    per_worker(out, snaps, "ringway_https_redirects_total", "counter", "Plain HTTP requests redirected to HTTPS.", |s| s.https_redirects);
-    per_worker(out, snaps, "ringway_acme_answers_total", "counter", "ACME HTTP-01 challenges answered.", |s| s.acme_answers);
-    per_worker(out, snaps, "ringway_misdirected_requests_total", "counter", "Requests answered 421: the Host is not covered by the connection's certificate.", |s| s.misdirected);
+    per_worker(
+        out,
+        snaps,
+        "ringway_https_redirects_total",
+        "counter",
+        "Plain HTTP requests redirected to HTTPS.",
+        |s| s.https_redirects,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_acme_answers_total",
+        "counter",
+        "ACME HTTP-01 challenges answered.",
+        |s| s.acme_answers,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_misdirected_requests_total",
+        "counter",
+        "Requests answered 421: the Host is not covered by the connection's certificate.",
+        |s| s.misdirected,
+    );
     let expiries = certs.expiries();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    family(out, "ringway_tls_certificates_expiring", "gauge", "Certificates in service that expire within 14 days.");
+    family(
+        out,
+        "ringway_tls_certificates_expiring",
+        "gauge",
+        "Certificates in service that expire within 14 days.",
+    );
     let _ = writeln!(
         out,
         "ringway_tls_certificates_expiring{{within=\"14d\"}} {}",
-        expiries.iter().filter(|(_, t)| *t - now < CERT_EXPIRY_WARNING_S).count()
+        expiries
+            .iter()
+            .filter(|(_, t)| *t - now < CERT_EXPIRY_WARNING_S)
+            .count()
     );
-    family(out, "ringway_tls_certificate_expiry_timestamp_seconds", "gauge", "Expiry of each certificate in service.");
+    family(
+        out,
+        "ringway_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "Expiry of each certificate in service.",
+    );
     for (name, t) in &expiries {
-        let _ = writeln!(out, "ringway_tls_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {t}", name.replace(['"', '\\', '\n'], "_"));
+        let _ = writeln!(
+            out,
+            "ringway_tls_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {t}",
+            name.replace(['"', '\\', '\n'], "_")
+        );
+    }
+    family(
+        out,
+        "ringway_tls_certificate_refusals_total",
+        "counter",
+        "Certificates refused by store loads (key mismatch, expired, not covering its names...).",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_tls_certificate_refusals_total {}",
+        control.cert_refusals.load(Ordering::Relaxed)
+    );
+    family(
+        out,
+        "ringway_tls_certificate_refused",
+        "gauge",
+        "Certificates the latest store load refused, by reason (the previous version, if any, stays in service).",
+    );
+    if let Ok(refused) = control.certs_refused_now.lock() {
+        for (name, reason) in refused.iter() {
+            let _ = writeln!(
+                out,
+                "ringway_tls_certificate_refused{{certificate=\"{}\",reason=\"{reason}\"}} 1",
+                name.replace(['"', '\\', '\n'], "_")
+            );
+        }
     }
 }
 
@@ -365,7 +493,12 @@ mod tests {
         w.set_driver(ringway_core::Driver::IoUring);
         w.record_request(200, 100);
         w.record_request(200, 20_000_000);
-        let text = render(&[w], &RouteTable::new(), &CertTable::new(), &ControlStats::default());
+        let text = render(
+            &[w],
+            &RouteTable::new(),
+            &CertTable::new(),
+            &ControlStats::default(),
+        );
         assert!(text.contains("ringway_worker_driver{worker=\"0\",driver=\"io_uring\"} 1"));
         assert!(text.contains("ringway_requests_total{worker=\"0\",status=\"200\"} 2"));
         assert!(

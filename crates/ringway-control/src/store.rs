@@ -5,8 +5,8 @@
 //! applies them to the shared route table. A store that cannot produce a valid snapshot returns
 //! an error; the table keeps its last good routes.
 
-use ringway_core::snapshot::Snapshot;
 use ringway_core::route::Route;
+use ringway_core::snapshot::Snapshot;
 use std::sync::Arc;
 
 /// A change to apply to the route table.

@@ -52,12 +52,18 @@ pub struct CertSet {
     /// Every entry, by store name.
     pub entries: HashMap<String, Arc<CertEntry>>,
     pub default: Option<Arc<CertEntry>>,
+    /// Certificates the store refused in this load (store name, reason slug); a refused one
+    /// keeps its previous version in `entries` when there was one. Not part of equality:
+    /// it describes the load, not what is served.
+    pub refused: Vec<(String, &'static str)>,
 }
 
 impl PartialEq for CertSet {
     fn eq(&self, other: &Self) -> bool {
         let same = |a: &HashMap<String, Arc<CertEntry>>, b: &HashMap<String, Arc<CertEntry>>| {
-            a.len() == b.len() && a.iter().all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
+            a.len() == b.len()
+                && a.iter()
+                    .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
         };
         same(&self.by_name, &other.by_name)
             && same(&self.entries, &other.entries)
@@ -250,7 +256,11 @@ impl AcmeTable {
                 m.insert(k.as_str().into(), v.clone());
             }
         }
-        let stale: Vec<Box<str>> = m.keys().filter(|k| !set.contains_key(k.as_ref())).cloned().collect();
+        let stale: Vec<Box<str>> = m
+            .keys()
+            .filter(|k| !set.contains_key(k.as_ref()))
+            .cloned()
+            .collect();
         for k in stale {
             m.remove(&k);
         }

@@ -113,7 +113,10 @@ impl ClientIo for TlsConn {
 
     fn into_parked(self) -> (std::net::TcpStream, Option<Box<ParkedTls>>) {
         let (tcp, session, info) = self.into_parts();
-        (parking::into_std(tcp), Some(Box::new(ParkedTls { session, info })))
+        (
+            parking::into_std(tcp),
+            Some(Box::new(ParkedTls { session, info })),
+        )
     }
 
     fn shutdown_write(&mut self) {
@@ -125,6 +128,13 @@ impl ClientIo for TlsConn {
     }
 
     async fn tunnel(self, upstream: TcpStream, w: &Worker) -> (u64, u64) {
-        crate::tls::tunnel(self, upstream, &w.deadlines, w.settings.tunnel_idle, w.settings.client_write).await
+        crate::tls::tunnel(
+            self,
+            upstream,
+            &w.deadlines,
+            w.settings.tunnel_idle,
+            w.settings.client_write,
+        )
+        .await
     }
 }

@@ -73,7 +73,13 @@ pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accep
     };
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
     let mut c = client(&w, conn, peer, trusted);
-    let r = Box::pin(crate::tls::handshake(&mut c.io, &w.certs, &w.stats, w.settings.tls_handshake)).await;
+    let r = Box::pin(crate::tls::handshake(
+        &mut c.io,
+        &w.certs,
+        &w.stats,
+        w.settings.tls_handshake,
+    ))
+    .await;
     if let Err(e) = r {
         tracing::debug!(worker = w.id, %peer, ?e, "TLS handshake failed");
         c.io.release();
@@ -106,7 +112,12 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
         }
         Some(t) => {
             let ParkedTls { session, info } = *t;
-            let c = client(&w, TlsConn::from_parts(stream, session, Some(info)), peer, trusted);
+            let c = client(
+                &w,
+                TlsConn::from_parts(stream, session, Some(info)),
+                peer,
+                trusted,
+            );
             Box::pin(run(w, c, accepted, served, true, registered)).await;
         }
     }
@@ -222,7 +233,12 @@ async fn resume_refused(w: Rc<Worker>, p: Parked) {
         }
         Some(t) => {
             let ParkedTls { session, info } = *t;
-            let c = client(&w, TlsConn::from_parts(stream, session, Some(info)), peer, trusted);
+            let c = client(
+                &w,
+                TlsConn::from_parts(stream, session, Some(info)),
+                peer,
+                trusted,
+            );
             if idle_wait(&w, c.io.io.socket(), wait).await {
                 run(w, c, accepted, served, true, false).await;
             } else {

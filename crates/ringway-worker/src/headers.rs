@@ -6,8 +6,8 @@
 //! not set, the request id, and the framing the proxy chose for the client.
 
 use crate::settings::AddedHeader;
-use ringway_core::route::Hsts;
 use httparse::Header;
+use ringway_core::route::Hsts;
 use ringway_proto::token::{eq_ic, is_hop_by_hop};
 use ringway_proto::{BodyFraming, HeadWriter, Request, Response};
 use std::io::Write as _;

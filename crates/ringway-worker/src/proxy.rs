@@ -21,11 +21,11 @@ use crate::error::{ErrorKind, IoFail, ProxyError, Side, write_error_page};
 use crate::headers::{self, ClientFraming, Forwarding, ResponseEdit};
 use crate::io::{RecvBuf, Timed};
 use crate::route::{self, HostName, Target};
-use ringway_core::route::Hsts;
 use crate::stream::{self, Decode, Encode, End};
 use crate::worker::Worker;
 use monoio::net::TcpStream;
 use ringway_core::LogEntry;
+use ringway_core::route::Hsts;
 use ringway_proto::head::HeadScanner;
 use ringway_proto::{
     BodyFraming, ChunkedDecoder, HEADER_SLOTS, HeadError, Method, RequestMeta, ResponseFraming,
@@ -250,7 +250,11 @@ pub async fn exchange<S: ClientIo>(
             w.bufs.put(b);
             ex.finish(w, &c.rb.buf);
             c.rb.compact();
-            return if close || r.is_err() { Next::Linger } else { Next::KeepAlive };
+            return if close || r.is_err() {
+                Next::Linger
+            } else {
+                Next::KeepAlive
+            };
         }
     };
     ex.target = Some(target);
@@ -736,7 +740,11 @@ fn prepare<S: ClientIo>(
 
     if !S::TLS && target.redirect_https {
         // 301 keeps GET and HEAD; 308 keeps every other method and its body.
-        let status = if matches!(req.method, Method::Get | Method::Head) { 301 } else { 308 };
+        let status = if matches!(req.method, Method::Get | Method::Head) {
+            301
+        } else {
+            308
+        };
         w.stats.https_redirects.inc();
         let mut hw = ringway_proto::HeadWriter::new(out);
         hw.status_line(status, crate::error::reason_phrase(status).as_bytes());

@@ -118,7 +118,13 @@ pub fn server_config(
     match &setup.ticketer {
         Some(t) => c.ticketer = t.clone(),
         // Without tickets, TLS 1.3 resumption uses the session cache (stateful tickets).
-        None => c.send_tls13_tickets = if setup.session_cache_entries > 0 { 2 } else { 0 },
+        None => {
+            c.send_tls13_tickets = if setup.session_cache_entries > 0 {
+                2
+            } else {
+                0
+            }
+        }
     }
     c.max_early_data_size = 0;
     Ok(Arc::new(c))

@@ -16,10 +16,10 @@ use crate::io::{ReadIo, Timed, WriteIo};
 use monoio::buf::{Slice, SliceMut};
 use monoio::io::{CancelHandle, Canceller, Splitable};
 use monoio::net::TcpStream;
+use ringway_core::WorkerStats;
 use ringway_core::route::{HOST_BYTES_MAX, normalize_host};
 use ringway_core::stats::Counter;
 use ringway_core::tls::{CertEntry, CertTable, Lookup};
-use ringway_core::WorkerStats;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{HandshakeKind, ProtocolVersion, ServerConfig, ServerConnection};
@@ -115,11 +115,19 @@ pub enum HandshakeError {
 impl TlsConn {
     /// Wraps an accepted socket; the handshake has not started.
     pub fn new(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
-        Ok(Self::from_parts(tcp, Box::new(ServerConnection::new(config)?), None))
+        Ok(Self::from_parts(
+            tcp,
+            Box::new(ServerConnection::new(config)?),
+            None,
+        ))
     }
 
     /// Rebuilds a connection from a parked socket and session.
-    pub fn from_parts(tcp: TcpStream, session: Box<ServerConnection>, info: Option<TlsInfo>) -> Self {
+    pub fn from_parts(
+        tcp: TcpStream,
+        session: Box<ServerConnection>,
+        info: Option<TlsInfo>,
+    ) -> Self {
         Self {
             tcp,
             session,
@@ -165,7 +173,10 @@ impl TlsConn {
             let end = self.rout.len();
             while pos < end {
                 let buf = std::mem::take(&mut self.rout);
-                let (r, slice) = self.tcp.write_from(Slice::new(buf, pos, end), c.clone()).await;
+                let (r, slice) = self
+                    .tcp
+                    .write_from(Slice::new(buf, pos, end), c.clone())
+                    .await;
                 self.rout = slice.into_inner();
                 match r {
                     Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -187,7 +198,10 @@ impl TlsConn {
             }
             let buf = std::mem::take(&mut self.rin);
             let cap = buf.capacity();
-            let (r, slice) = self.tcp.read_into(SliceMut::new(buf, 0, cap), c.clone()).await;
+            let (r, slice) = self
+                .tcp
+                .read_into(SliceMut::new(buf, 0, cap), c.clone())
+                .await;
             self.rin = slice.into_inner();
             if r? == 0 {
                 return Ok(false);
@@ -200,7 +214,10 @@ impl TlsConn {
         match self.session.process_new_packets() {
             Ok(state) => {
                 self.plaintext_pending = state.plaintext_bytes_to_read();
-                if state.peer_has_closed() && self.plaintext_pending == 0 && !self.session.is_handshaking() {
+                if state.peer_has_closed()
+                    && self.plaintext_pending == 0
+                    && !self.session.is_handshaking()
+                {
                     return Ok(false);
                 }
             }
@@ -229,7 +246,9 @@ impl TlsConn {
             match self.read_tls(&c).await {
                 Ok(true) => {}
                 Ok(false) => return Err(HandshakeError::Closed),
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(HandshakeError::Tls),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(HandshakeError::Tls);
+                }
                 Err(_) => return Err(HandshakeError::Closed),
             }
         }
@@ -237,7 +256,10 @@ impl TlsConn {
 
     fn record_info(&mut self, certs: &CertTable) {
         let mut buf = [0u8; HOST_BYTES_MAX];
-        let sni = self.session.server_name().and_then(|s| sni_key(s, &mut buf).map(Box::<str>::from));
+        let sni = self
+            .session
+            .server_name()
+            .and_then(|s| sni_key(s, &mut buf).map(Box::<str>::from));
         let cert = certs.lookup(sni.as_deref()).0;
         self.info = TlsInfo {
             sni,
@@ -258,8 +280,17 @@ pub async fn handshake(
     let deadlines = conn.deadlines().clone();
     let mut canceller = Canceller::new();
     let handle = canceller.handle();
-    let (r, timed_out) = crate::io::timed(conn.io.drive_handshake(handle), &mut canceller, deadlines.after(timeout)).await;
-    let r = if timed_out && r.is_err() { Err(HandshakeError::Timeout) } else { r };
+    let (r, timed_out) = crate::io::timed(
+        conn.io.drive_handshake(handle),
+        &mut canceller,
+        deadlines.after(timeout),
+    )
+    .await;
+    let r = if timed_out && r.is_err() {
+        Err(HandshakeError::Timeout)
+    } else {
+        r
+    };
     match r {
         Ok(()) => {
             conn.io.record_info(certs);
@@ -390,7 +421,9 @@ pub async fn tunnel(
             }
             if !plain.is_empty() {
                 last.set(std::time::Instant::now());
-                let (r, b) = uw.write_all(std::mem::take(&mut plain), write_timeout).await;
+                let (r, b) = uw
+                    .write_all(std::mem::take(&mut plain), write_timeout)
+                    .await;
                 plain = b;
                 if r.is_err() {
                     break;

@@ -136,13 +136,21 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
     let listeners = bind(config.listen.http)?;
     let https_listeners = bind(config.listen.https)?;
     let http_addr = listeners[0].as_ref().map(|l| l.local_addr()).transpose()?;
-    let https_addr = https_listeners[0].as_ref().map(|l| l.local_addr()).transpose()?;
+    let https_addr = https_listeners[0]
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     if https_addr.is_some() && tables.certs.is_empty() {
-        tracing::warn!("listen.https is set but the routes file names no certificate: every handshake will be refused");
+        tracing::warn!(
+            "listen.https is set but the routes file names no certificate: every handshake will be refused"
+        );
     }
     let tls_setup = TlsSetup {
         ticketer: if config.tls.tickets {
-            Some(rustls::crypto::aws_lc_rs::Ticketer::new().context("creating the TLS ticket keys")?)
+            Some(
+                rustls::crypto::aws_lc_rs::Ticketer::new()
+                    .context("creating the TLS ticket keys")?,
+            )
         } else {
             None
         },
@@ -193,7 +201,11 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         handle_signals: opts.handle_signals,
     })?;
 
-    let settings = Settings::from_config(&config);
+    let mut settings = Settings::from_config(&config);
+    if config.tls.redirect_port.is_none() {
+        // Port 0 in the config means "any free port": redirect to the one bound.
+        settings.https_redirect_port = https_addr.map(|a| a.port()).filter(|p| *p != 443);
+    }
     let specs: Vec<WorkerSpec> = listeners
         .into_iter()
         .zip(https_listeners)

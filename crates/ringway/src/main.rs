@@ -102,9 +102,17 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         "{}: ok ({} host patterns{}, {} certificates{}, routes from {})",
         path.display(),
         set.routes.hosts.len(),
-        if set.routes.default.is_some() { ", default route" } else { "" },
+        if set.routes.default.is_some() {
+            ", default route"
+        } else {
+            ""
+        },
         set.certs.entries.len(),
-        if set.certs.default.is_some() { ", default certificate" } else { "" },
+        if set.certs.default.is_some() {
+            ", default certificate"
+        } else {
+            ""
+        },
         routes_path.display()
     );
     Ok(())

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod origin;
+pub mod pki;
 
 use ringway_core::config::Config;
 use std::net::SocketAddr;
@@ -19,6 +20,8 @@ pub struct TestProxy {
     pub running: Option<ringway::Running>,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// The HTTPS listener, when the test config turns it on.
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub config: Config,
 }
@@ -51,6 +54,16 @@ impl TestProxy {
     }
 
     pub fn start_with(routes: &str, tweak: impl FnOnce(&mut Config)) -> TestProxy {
+        Self::start_with_files(&[], routes, tweak)
+    }
+
+    /// Writes `files` (path relative to the proxy's directory, content) before starting: the
+    /// certificates a routes file names, say.
+    pub fn start_with_files(
+        files: &[(&str, &str)],
+        routes: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestProxy {
         if std::env::var_os("RINGWAY_TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::from_env("RINGWAY_TEST_LOG"))
@@ -59,6 +72,11 @@ impl TestProxy {
                 .try_init();
         }
         let dir = tempfile::tempdir().unwrap();
+        for (name, content) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
         std::fs::write(dir.path().join("routes.toml"), routes).unwrap();
         let mut config = test_config();
         tweak(&mut config);
@@ -73,10 +91,12 @@ impl TestProxy {
         .unwrap();
         let addr = running.http_addr.unwrap();
         let admin = running.admin_addr.unwrap();
+        let https = running.https_addr;
         TestProxy {
             running: Some(running),
             dir,
             addr,
+            https,
             admin,
             config,
         }
@@ -91,6 +111,14 @@ impl TestProxy {
         let tmp = self.dir.path().join("routes.toml.tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.routes_path()).unwrap();
+    }
+
+    /// Writes a file in the proxy's directory atomically (write, then rename).
+    pub fn write_file(&self, name: &str, content: &str) {
+        let path = self.dir.path().join(name);
+        let tmp = path.with_extension("tmp-write");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
     }
 
     pub fn metrics(&self) -> String {
