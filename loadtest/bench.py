@@ -33,14 +33,18 @@ IDLE_CONNS = int(os.environ.get("IDLE_CONNECTIONS", "10000"))
 NPROC = os.cpu_count() or 2
 PROXY_CPUS = os.environ.get("PROXY_CPUS", "0")
 LOAD_CPUS = os.environ.get("LOAD_CPUS", "1" if NPROC > 1 else "0")
-SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,7").split(",") if s.strip()]
+SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,6,7").split(",") if s.strip()]
 PROXIES = [p.strip() for p in os.environ.get("PROXIES", "ringway,nginx,haproxy").split(",") if p.strip()]
 # Overrides of Ringway's config: "section.key=value;section.key=value" (TOML values).
 RINGWAY_SET = [kv.strip() for kv in os.environ.get("RINGWAY_SET", "").split(";") if kv.strip()]
 
 ORIGIN_PORT, RW_PORT, NG_PORT, HA_PORT, RW100K_PORT = 18000, 18001, 18002, 18003, 18004
+# HTTPS listeners (scenario 6), same certificate for all three.
+TLS_PORTS = {"ringway": 18011, "nginx": 18012, "haproxy": 18013}
 RW_ADMIN, RW100K_ADMIN = 18091, 18094
 PORTS = {"ringway": RW_PORT, "nginx": NG_PORT, "haproxy": HA_PORT, "ringway-100k": RW100K_PORT, "origin": ORIGIN_PORT}
+# TLS idle connections (6c) cost a full handshake each from a Python client: fewer of them.
+TLS_IDLE_CONNS = int(os.environ.get("TLS_IDLE_CONNECTIONS", "5000"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # run.sh raises the soft limit to the hard one; proxies are configured to fit in it.
 NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -157,6 +161,8 @@ def write_configs(workdir):
     routes = workdir / "routes.toml"
     routes.write_text(
         f'default = "origin"\n[[route]]\nname = "origin"\nhosts = ["localhost"]\nupstreams = ["127.0.0.1:{ORIGIN_PORT}"]\n'
+        '[[certificate]]\nname = "localhost"\ncert = "tls/localhost.crt"\nkey = "tls/localhost.key"\n'
+        '[tls]\ndefault_certificate = "localhost"\n'
     )
     sections = {}
     for kv in RINGWAY_SET:
@@ -172,6 +178,7 @@ pin = true
 cores = [{", ".join(map(str, PROXY_CPU_LIST))}]
 [listen]
 http = "127.0.0.1:{RW_PORT}"
+https = "127.0.0.1:{TLS_PORTS['ringway']}"
 backlog = 4096
 [admin]
 listen = "127.0.0.1:{RW_ADMIN}"
@@ -202,6 +209,7 @@ enabled = false
         .replace(f"127.0.0.1:{RW_PORT}", f"127.0.0.1:{RW100K_PORT}")
         .replace(f"127.0.0.1:{RW_ADMIN}", f"127.0.0.1:{RW100K_ADMIN}")
         .replace('file = "routes.toml"', 'file = "routes-100k.toml"')
+        .replace(f'https = "127.0.0.1:{TLS_PORTS["ringway"]}"\n', "")
     )
     affinity = " ".join(mask(c) for c in PROXY_CPU_LIST)
     (workdir / "nginx.conf").write_text(
@@ -220,8 +228,14 @@ http {{
   keepalive_requests 1000000;
   keepalive_timeout 60s;
   upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 128; keepalive_requests 1000000; }}
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:SSL:10m;
+  ssl_session_tickets on;
   server {{
     listen 127.0.0.1:{NG_PORT} reuseport backlog=4096;
+    listen 127.0.0.1:{TLS_PORTS['nginx']} ssl reuseport backlog=4096;
+    ssl_certificate {workdir}/tls/localhost.crt;
+    ssl_certificate_key {workdir}/tls/localhost.key;
     location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
@@ -262,10 +276,12 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:{HA_PORT}
+  bind 127.0.0.1:{TLS_PORTS['haproxy']} ssl crt {workdir}/tls/localhost.pem alpn http/1.1 ssl-min-ver TLSv1.2
   option forwardfor
   unique-id-format %{{+X}}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid
   unique-id-header X-Request-ID
-  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}
+  http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
   http-response set-header X-Content-Type-Options nosniff
   http-response set-header X-Frame-Options SAMEORIGIN
@@ -285,11 +301,12 @@ def to_ms(v, unit):
     return float(v) / 1000 if unit == "us" else float(v) * 1000 if unit == "s" else float(v)
 
 
-def run_wrk(port, path="/", conns=CONNS, extra=None, host="localhost"):
+def run_wrk(port, path="/", conns=CONNS, extra=None, host="localhost", scheme="http"):
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{DURATION}s", "--latency", "-H", f"Host: {host}"]
     if extra:
         argv += extra
-    argv.append(f"http://127.0.0.1:{port}{path}")
+    # Over TLS wrk sends the URL's host as SNI: "localhost", the certificate's name.
+    argv.append(f"{scheme}://127.0.0.1:{port}{path}" if scheme == "http" else f"{scheme}://localhost:{port}{path}")
     out = subprocess.run(taskset(LOAD_CPUS, argv), capture_output=True, text=True).stdout
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -358,9 +375,55 @@ def scenario_runs(name, proxies, nginx_max):
             lg.wait()
             out[pname] = {"requests": n, "connections": n, "ready": ready == "ready", "rss_before_kib": before, "rss_idle_kib": during, "kib_per_idle_conn": (during - before) / n}
             time.sleep(2)
+        elif name == "6-ka":
+            out[pname] = measure(pids, lambda: run_wrk(TLS_PORTS[pname], scheme="https"))
+        elif name == "6-hs":
+            before = rw_tls_counts() if pname == "ringway" else None
+            tls_port = TLS_PORTS[pname]
+
+            def full_handshakes():
+                # wrk and h2load resume sessions; ringway-loadgen never does.
+                argv = [str(REL / "ringway-loadgen"), "handshakes", f"127.0.0.1:{tls_port}", "localhost", "/", "--connections", str(CONNS), "--seconds", str(DURATION)]
+                d = json.loads(subprocess.run(taskset(LOAD_CPUS, argv), capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                return {"requests": d["completed"], "rps": d["achieved_rps"], "errors": d["errors"], "p50_ms": d["p50_ms"], "p99_ms": d["p99_ms"]}
+
+            r = measure(pids, full_handshakes)
+            # Full handshakes per second one core can do: the inverse of the proxy's CPU time
+            # per connection (handshake + one proxied request + TCP setup and teardown).
+            r["handshakes_per_core_s"] = 1e6 / r["cpu_us_per_req"] if r.get("cpu_us_per_req") else None
+            if before is not None:
+                after = rw_tls_counts()
+                hs = after[0] - before[0]
+                r["tls13_fraction"] = (after[2] - before[2]) / hs if hs else None
+                r["resumed_fraction"] = (after[1] - before[1]) / hs if hs else None
+            out[pname] = r
+        elif name == "6-idle":
+            time.sleep(1)
+            before = rss_kib(pids)
+            n = min(TLS_IDLE_CONNS, idle_conns_for(pname))
+            argv = ["python3", str(LT / "tls_idle.py"), f"127.0.0.1:{TLS_PORTS[pname]}", "localhost", "--connections", str(n), "--hold-seconds", "120"]
+            lg = subprocess.Popen(taskset(LOAD_CPUS, argv), stdout=subprocess.PIPE, text=True)
+            ready = lg.stdout.readline().strip()
+            time.sleep(2)
+            during = rss_kib(pids)
+            lg.send_signal(signal.SIGTERM)
+            info = json.loads(lg.stdout.readline() or "{}")
+            lg.wait()
+            held = info.get("connected", 0)
+            out[pname] = {"requests": held, "connections": held, "errors": info.get("errors"), "ready": ready == "ready", "rss_before_kib": before, "rss_idle_kib": during, "kib_per_idle_conn": (during - before) / held if held else None}
+            time.sleep(2)
         elif name == "7":
             out[pname] = measure(pids, lambda: run_wrk(port, host="h50000.example.test"))
     return out
+
+
+def rw_tls_counts():
+    """Ringway's (handshakes, resumptions, TLS 1.3 handshakes) from its metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{RW_ADMIN}/metrics", timeout=5).read().decode()
+    total = lambda name, label="": sum(  # noqa: E731
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and label in line
+    )
+    return (total("ringway_tls_handshakes_total"), total("ringway_tls_resumptions_total"), total("ringway_tls_handshakes_total", 'version="1.3"'))
 
 
 SCENARIO_TITLES = {
@@ -371,6 +434,9 @@ SCENARIO_TITLES = {
     "3-up": "3b. 1 MiB uploads, 16 connections",
     "4": "4. fixed offered load (half of nginx's scenario-1 rate), 64 connections",
     "5": "5. idle keep-alive connections (10,000, fewer for HAProxy if the descriptor limit is low)",
+    "6-ka": "6a. HTTPS keep-alive (TLS 1.3, ECDSA P-256), 13-byte response, 64 connections",
+    "6-hs": "6b. HTTPS, a full TLS 1.3 handshake per request (Connection: close), 64 connections",
+    "6-idle": "6c. idle TLS keep-alive connections",
     "7": "7. 100,000 routes loaded, as scenario 1",
 }
 
@@ -413,11 +479,11 @@ def render_markdown(summary, meta):
     if "origin" in summary:
         o = summary["origin"].get("origin", {})
         L.append(f"Origin alone (scenario 1 shape, no proxy): {fmt(o.get('rps'))} requests/s — the proxies below stay under it, so the origin is not their bottleneck.\n")
-    for sc in [s for s in ["1", "2", "3-down", "3-up", "4", "5", "7"] if s in summary]:
+    for sc in [s for s in ["1", "2", "3-down", "3-up", "4", "5", "6-ka", "6-hs", "6-idle", "7"] if s in summary]:
         L.append(f"## {SCENARIO_TITLES[sc]}\n")
         per = summary[sc]
         ng, ha = per.get("nginx", {}), per.get("haproxy", {})
-        if sc == "5":
+        if sc in ("5", "6-idle"):
             L.append("| proxy | idle connections | RSS before (KiB) | RSS with idle conns (KiB) | KiB per idle connection | vs nginx |")
             L.append("|---|---:|---:|---:|---:|---:|")
             for pname, r in per.items():
@@ -432,6 +498,15 @@ def render_markdown(summary, meta):
             L.append(
                 f"| {pname} | {fmt(r.get('rps'))} | {fmt(ratio(r.get('rps'), ng.get('rps')), 2)}x | {fmt(ratio(r.get('rps'), ha.get('rps')), 2)}x | {lats} | {fmt(r.get('cpu_us_per_req'), 2)} | {fmt(ratio(r.get('cpu_us_per_req'), ng.get('cpu_us_per_req')), 2)}x | {fmt(r.get('cpu_util'), 2)} | {fmt(r.get('rss_kib'), 0)} | {fmt(r.get('upstream_conns_per_1k'), 3)} | {fmt(r.get('errors'), 0)} |"
             )
+        if sc == "6-hs":
+            L.append("\n| proxy | full handshakes/s per core (1 / CPU per connection) | vs nginx | vs HAProxy |")
+            L.append("|---|---:|---:|---:|")
+            for pname, r in per.items():
+                h = r.get("handshakes_per_core_s")
+                L.append(f"| {pname} | {fmt(h, 0)} | {fmt(ratio(h, ng.get('handshakes_per_core_s')), 2)}x | {fmt(ratio(h, ha.get('handshakes_per_core_s')), 2)}x |")
+            rw = per.get("ringway", {})
+            if rw.get("resumed_fraction") is not None:
+                L.append(f"\nRingway's own counters over this run: {fmt(100 * (rw.get('tls13_fraction') or 0), 1)}% TLS 1.3, {fmt(100 * rw['resumed_fraction'], 1)}% resumed (the load generator, `ringway-loadgen handshakes`, never resumes).")
         if sc == "7" and "1" in summary and "ringway" in summary["1"]:
             base = summary["1"]["ringway"].get("rps")
             r = per.get("ringway-100k", {}).get("rps")
@@ -443,7 +518,7 @@ def render_markdown(summary, meta):
 def render_svg(summary):
     """Bar chart: Ringway's requests/s and CPU per request relative to nginx and HAProxy."""
     rows = []
-    for sc in ["1", "2", "3-down", "3-up", "4", "7"]:
+    for sc in ["1", "2", "3-down", "3-up", "4", "6-ka", "6-hs", "7"]:
         per = summary.get(sc, {})
         rw = per.get("ringway") or per.get("ringway-100k")
         if not rw:
@@ -456,6 +531,9 @@ def render_svg(summary):
     s5 = summary.get("5", {})
     if "ringway" in s5 and "nginx" in s5:
         rows.append(("S5 KiB/idle conn vs nginx", ratio(s5["ringway"].get("kib_per_idle_conn"), s5["nginx"].get("kib_per_idle_conn"))))
+    s6 = summary.get("6-idle", {})
+    if "ringway" in s6 and "nginx" in s6:
+        rows.append(("S6c KiB/idle TLS conn vs nginx", ratio(s6["ringway"].get("kib_per_idle_conn"), s6["nginx"].get("kib_per_idle_conn"))))
     rows = [(n, v) for n, v in rows if v is not None and v > 0]
     h = 30 + 22 * len(rows) + 30
     w = 760
@@ -489,6 +567,11 @@ def main():
     host = platform.node() or "host"
     WORK = LT / "results" / "tmp" / stamp
     WORK.mkdir(parents=True, exist_ok=True)
+    # One ECDSA P-256 certificate for localhost, served by all three proxies.
+    tls = WORK / "tls"
+    tls.mkdir(exist_ok=True)
+    subprocess.run([str(REL / "ringway"), "dev-cert", "--name", "localhost", "--cert", str(tls / "localhost.crt"), "--key", str(tls / "localhost.key")], check=True, capture_output=True)
+    (tls / "localhost.pem").write_text((tls / "localhost.crt").read_text() + (tls / "localhost.key").read_text())
     write_configs(WORK)
     log(f"workdir {WORK}; proxies on CPU {PROXY_CPUS}, load on CPU {LOAD_CPUS}; {ROUNDS} rounds x {DURATION}s")
 
@@ -516,10 +599,11 @@ def main():
             o = measure([origin.proc.pid], lambda: run_wrk(ORIGIN_PORT))
             results.setdefault("origin", {}).setdefault("origin", []).append(o)
             for sc in SCENARIOS:
-                if sc == "3":
-                    for sub in ["3-down", "3-up"]:
+                if sc in ("3", "6"):
+                    for sub in (["3-down", "3-up"] if sc == "3" else ["6-ka", "6-hs", "6-idle"]):
                         for pname, r in scenario_runs(sub, proxies, nginx_max).items():
                             results.setdefault(sub, {}).setdefault(pname, []).append(r)
+                            log(f"  S{sub} {pname}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k in ("rps", "cpu_us_per_req", "handshakes_per_core_s", "kib_per_idle_conn", "errors")))
                     continue
                 if sc == "4" and nginx_max is None:
                     s1 = results.get("1", {}).get("nginx") or results.get("1", {}).get(proxies[0])
@@ -550,7 +634,8 @@ def main():
     md = render_markdown(summary, meta)
     print(md)
     outdir = LT / "results"
-    base = outdir / f"{stamp[:10]}-{host}"
+    # RESULTS_NAME keeps a partial run (SCENARIOS=6, say) from replacing the day's full one.
+    base = outdir / os.environ.get("RESULTS_NAME", f"{stamp[:10]}-{host}")
     (base.with_suffix(".md")).write_text(md + "\n")
     (base.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": summary, "rounds": results}, indent=1))
     (base.with_suffix(".svg")).write_text(render_svg(summary))

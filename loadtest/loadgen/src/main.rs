@@ -8,6 +8,10 @@
 //! `idle`: opens N keep-alive connections, sends one request on each, then holds them all
 //! open. Prints `ready` when every connection is established and answered, then JSON after
 //! the hold time. The load test reads the proxy's RSS while they are held.
+//!
+//! `handshakes`: a full TLS 1.3 handshake per request, never resumed (see `handshakes.rs`).
+
+mod handshakes;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -18,7 +22,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  ringway-loadgen rate ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen idle ADDR HOST PATH --connections N --hold-seconds S"
+        "usage:\n  ringway-loadgen rate ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen idle ADDR HOST PATH --connections N --hold-seconds S\n  ringway-loadgen handshakes ADDR SNI PATH --connections C --seconds S"
     );
     std::process::exit(2)
 }
@@ -132,6 +136,10 @@ struct Totals {
 
 fn main() {
     let a = parse();
+    if a.mode == "handshakes" {
+        handshakes::run(a.addr, &a.host, &a.path, a.connections, a.seconds);
+        return;
+    }
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .with_entries(4096)
         .enable_timer()
