@@ -143,6 +143,13 @@ class Proxy:
     def pids(self):
         return proc_tree(self.proc.pid)
 
+    def restart(self, workdir):
+        """Stops and starts the proxy, warms it up briefly; returns its new pids."""
+        self.stop()
+        self.start(workdir)
+        subprocess.run(taskset(LOAD_CPUS, ["wrk", "-t1", "-c8", "-d1s", "-H", "Host: localhost", f"http://127.0.0.1:{self.port}/"]), capture_output=True)
+        return self.pids()
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -363,6 +370,9 @@ def scenario_runs(name, proxies, nginx_max):
 
             out[pname] = measure(pids, fixed)
         elif name == "5":
+            # A fresh process: nginx and HAProxy keep freed memory, so after an earlier round
+            # their RSS would not grow and the figure would read 0.
+            pids = p.restart(WORK)
             time.sleep(1)
             before = rss_kib(pids)
             n = idle_conns_for(pname)
@@ -398,6 +408,7 @@ def scenario_runs(name, proxies, nginx_max):
                 r["resumed_fraction"] = (after[1] - before[1]) / hs if hs else None
             out[pname] = r
         elif name == "6-idle":
+            pids = p.restart(WORK)
             time.sleep(1)
             before = rss_kib(pids)
             n = min(TLS_IDLE_CONNS, idle_conns_for(pname))
