@@ -1,8 +1,9 @@
 //! Ringway's control plane.
 //!
 //! One thread per process runs a tokio current-thread runtime that:
-//! - follows the route store and applies its snapshots and changes to the shared route table;
-//! - drains the workers' log rings into the access log;
+//! - follows the route store (a TOML file, or PostgreSQL) and applies its snapshots and
+//!   changes to the shared tables;
+//! - drains the workers' log rings into the access log and/or PostgreSQL (`pg::logs`);
 //! - serves the admin endpoints;
 //! - turns SIGTERM/SIGINT into the shutdown flag the workers poll.
 //!
@@ -15,6 +16,7 @@ pub mod certs;
 pub mod file_store;
 pub mod logsink;
 pub mod metrics;
+pub mod pg;
 pub mod store;
 
 use metrics::ControlStats;
@@ -28,13 +30,29 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use store::{RouteStore, StoreEvent};
 
+/// Where routes come from.
+#[derive(Debug)]
+pub enum StoreChoice {
+    File {
+        path: PathBuf,
+        poll: Duration,
+        /// The snapshot already applied at start, and the hash of the routes file it came
+        /// from.
+        initial: Option<(Snapshot, u64)>,
+    },
+    Postgres {
+        config: pg::store::PgStoreConfig,
+        /// What the snapshot file held, when the tables were filled from it at start.
+        seed: Option<pg::snapshot_file::Loaded>,
+    },
+}
+
 /// Everything the control plane needs.
 #[derive(Debug)]
 pub struct ControlParams {
-    pub routes_path: PathBuf,
-    /// The snapshot already applied at start, and the hash of the routes file it came from.
-    pub initial: Option<(Snapshot, u64)>,
-    pub routes_poll: Duration,
+    pub store: StoreChoice,
+    /// Request log rows into PostgreSQL; None: off.
+    pub pg_logs: Option<pg::logs::LogSinkConfig>,
     /// Where to write the access log; None: logging is off.
     pub access_log: Option<PathBuf>,
     pub drain_interval: Duration,
@@ -65,6 +83,8 @@ pub enum ControlError {
     Admin(std::io::Error),
     #[error("control thread: {0}")]
     Thread(std::io::Error),
+    #[error("log spool: {0}")]
+    Spool(#[from] pg::spool::SpoolError),
 }
 
 /// The running control plane.
@@ -123,13 +143,20 @@ pub fn start(p: ControlParams) -> Result<ControlHandle, ControlError> {
         l.set_nonblocking(true).map_err(ControlError::Admin)?;
     }
     let stats = Arc::new(ControlStats::default());
-    if let Some((snap, _)) = &p.initial {
+    let initial = match &p.store {
+        StoreChoice::File { initial, .. } => initial.as_ref().map(|(s, _)| s),
+        StoreChoice::Postgres { seed, .. } => seed.as_ref().map(|l| &l.snapshot),
+    };
+    if let Some(snap) = initial {
         // The caller's initial load counts as the first successful load.
         stats.note_refusals(&snap.certs.refused);
         ControlStats::inc(&stats.route_loads_ok);
         stats
             .route_last_load_unix
             .store(unix_now(), Ordering::Relaxed);
+    }
+    if let StoreChoice::Postgres { seed: Some(_), .. } = &p.store {
+        stats.serving_from_snapshot.store(1, Ordering::Relaxed);
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let st = stats.clone();
@@ -175,7 +202,9 @@ async fn follow_store(mut store: impl RouteStore, tables: Tables, stats: Arc<Con
                     }
                     StoreEvent::Upsert(pattern, route) => routes.upsert(&pattern, route),
                     StoreEvent::Remove(pattern) => routes.remove(&pattern),
+                    StoreEvent::Changes(ch) => apply_changes(&tables, ch, &stats),
                 }
+                stats.serving_from_snapshot.store(0, Ordering::Relaxed);
                 ControlStats::inc(&stats.route_loads_ok);
                 stats
                     .route_last_load_unix
@@ -189,23 +218,87 @@ async fn follow_store(mut store: impl RouteStore, tables: Tables, stats: Arc<Con
     }
 }
 
+/// Applies an incremental change set: routes, then certificates, then ACME tokens.
+fn apply_changes(tables: &Tables, ch: store::ChangeSet, stats: &ControlStats) {
+    for (pattern, route) in ch.route_upserts {
+        tables.routes.upsert(&pattern, route);
+    }
+    for pattern in &ch.route_removes {
+        tables.routes.remove(pattern);
+    }
+    for (names, entry) in ch.cert_upserts {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        tables.certs.upsert(&names, entry);
+    }
+    if !ch.cert_removes.is_empty() {
+        let names: Vec<&str> = ch.cert_removes.iter().map(String::as_str).collect();
+        tables.certs.remove(&names);
+    }
+    if let Some(acme) = &ch.acme {
+        tables.acme.apply(acme);
+    }
+    stats
+        .cert_refusals
+        .fetch_add(ch.refused_new.len() as u64, Ordering::Relaxed);
+    if let Some(now) = ch.refused_now
+        && let Ok(mut r) = stats.certs_refused_now.lock()
+    {
+        *r = now;
+    }
+    if let Some(at) = ch.changed_at_unix_us {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        // Clocks of the database and this node may differ: a negative gap counts as zero.
+        stats
+            .change_visible
+            .observe_us(u64::try_from(now_us - at).unwrap_or(0));
+    }
+}
+
 async fn run(
     p: ControlParams,
     log_file: Option<std::fs::File>,
     stats: Arc<ControlStats>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let store = file_store::FileStore::new(
-        p.routes_path.clone(),
-        p.routes_poll,
-        p.initial.as_ref().map(|(s, h)| (s, *h)),
-    );
     let tables = Tables {
         routes: p.routes.clone(),
         certs: p.certs.clone(),
         acme: p.acme.clone(),
     };
-    tokio::spawn(follow_store(store, tables, stats.clone()));
+    match p.store {
+        StoreChoice::File {
+            path,
+            poll,
+            initial,
+        } => {
+            let store =
+                file_store::FileStore::new(path, poll, initial.as_ref().map(|(s, h)| (s, *h)));
+            tokio::spawn(follow_store(store, tables, stats.clone()));
+        }
+        StoreChoice::Postgres { config, seed } => {
+            let mut store = pg::store::PgStore::new(config, stats.clone());
+            if let Some(l) = &seed {
+                store.seed(l);
+            }
+            tokio::spawn(follow_store(store, tables, stats.clone()));
+        }
+    }
+    let mut db_logs = match p.pg_logs {
+        Some(cfg) => {
+            let builder = pg::logs::BatchBuilder::new(&cfg);
+            match pg::logs::start(cfg, stats.clone()) {
+                Ok((sink, task)) => Some((builder, sink, task)),
+                Err(e) => {
+                    tracing::error!(error = %e, "database log sink unavailable: its rows are dropped");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     if let Some(l) = p.admin {
         match tokio::net::TcpListener::from_std(l) {
@@ -269,32 +362,80 @@ async fn run(
             _ = tick.tick() => {}
             _ = &mut stop => break,
         }
-        drain_once(&mut rings, sink.as_mut(), &stats);
+        drain_once(
+            &mut rings,
+            sink.as_mut(),
+            db_logs.as_mut().map(|(b, s, _)| (b, &*s)),
+            &stats,
+        );
     }
     // Final drain: the workers are gone, so the rings only shrink.
-    while drain_once(&mut rings, sink.as_mut(), &stats) > 0 {}
+    while drain_once(
+        &mut rings,
+        sink.as_mut(),
+        db_logs.as_mut().map(|(b, s, _)| (b, &*s)),
+        &stats,
+    ) > 0
+    {}
     if let Some(s) = sink.as_mut() {
         let _ = s.flush();
     }
+    if let Some((mut builder, sink, task)) = db_logs {
+        if let Some(b) = builder.take() {
+            sink.submit_wait(b).await;
+        }
+        // Closing the queue tells the writer to finish: write or spool what is queued, then
+        // try the spool within its shutdown budget.
+        drop(sink);
+        let _ = task.await;
+    }
 }
 
+/// Empties every ring once into the access log file and/or the database batches; returns
+/// the records taken.
 fn drain_once<W: Write>(
     rings: &mut [LogConsumer],
-    sink: Option<&mut W>,
+    mut sink: Option<&mut W>,
+    mut db: Option<(&mut pg::logs::BatchBuilder, &pg::logs::LogSink)>,
     stats: &ControlStats,
 ) -> u64 {
-    let Some(sink) = sink else {
+    if sink.is_none() && db.is_none() {
         // Logging off: rings are not created, nothing to do.
         return 0;
-    };
-    let n = match logsink::drain_to(rings, sink) {
-        Ok(n) => n,
-        Err(e) => {
+    }
+    let mut n = 0u64;
+    let mut lines = Vec::new();
+    for ring in rings.iter_mut() {
+        lines.clear();
+        ring.drain(logsink::DRAIN_BATCH_RECORDS_MAX, |bytes| {
+            let Ok(e) = ringway_core::LogEntry::decode(bytes) else {
+                tracing::error!("corrupt log record skipped");
+                return;
+            };
+            n += 1;
+            if sink.is_some() {
+                logsink::write_json_line(&e, &mut lines);
+            }
+            if let Some((builder, db)) = db.as_mut()
+                && let Some(batch) = builder.push(&e)
+            {
+                db.submit(batch);
+            }
+        });
+        if let Some(s) = sink.as_mut()
+            && !lines.is_empty()
+            && let Err(e) = s.write_all(&lines)
+        {
             ControlStats::inc(&stats.access_log_errors);
             tracing::error!(error = %e, "access log write failed");
-            0
         }
-    };
+    }
+    if let Some((builder, db)) = db.as_mut()
+        && let Some(batch) = builder.take_if_due()
+    {
+        db.submit(batch);
+    }
+    let Some(sink) = sink else { return n };
     if n > 0 {
         stats.access_log_lines.fetch_add(n, Ordering::Relaxed);
         if let Err(e) = sink.flush() {

@@ -20,6 +20,96 @@ pub struct ControlStats {
     pub cert_refusals: AtomicU64,
     /// Certificates the latest load refused: (store name, reason). Control plane only.
     pub certs_refused_now: std::sync::Mutex<Vec<(String, &'static str)>>,
+    // The database route store.
+    /// 1 while the route store holds a database connection.
+    pub db_connected: AtomicU64,
+    /// Connection failures, lost connections and failed queries (store and log sink).
+    pub db_errors: AtomicU64,
+    pub full_loads: AtomicU64,
+    pub incremental_loads: AtomicU64,
+    /// Full reloads beyond the first: periodic, after lost notifications or TRUNCATE.
+    pub resyncs: AtomicU64,
+    pub full_load_ms: AtomicU64,
+    pub snapshot_writes: AtomicU64,
+    pub snapshot_write_errors: AtomicU64,
+    pub snapshot_written_unix: AtomicU64,
+    /// 1 when the routes in service came from the snapshot file and the database has not
+    /// been reached since start.
+    pub serving_from_snapshot: AtomicU64,
+    /// From a change in the database to the tables workers read.
+    pub change_visible: Histogram,
+    // The database log sink.
+    pub log_rows_written: AtomicU64,
+    pub log_rows_spooled: AtomicU64,
+    pub log_rows_replayed: AtomicU64,
+    pub log_rows_dropped: AtomicU64,
+    pub log_batches_written: AtomicU64,
+    pub log_batches_failed: AtomicU64,
+    pub log_batches_duplicate: AtomicU64,
+    pub log_spool_bytes: AtomicU64,
+    pub log_batch_write: Histogram,
+}
+
+/// Bucket upper bounds of the latency histograms, in microseconds.
+pub const DB_LATENCY_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    2_000_000, 5_000_000, 10_000_000,
+];
+
+/// A fixed-bucket latency histogram (Prometheus style: cumulative when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; DB_LATENCY_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe_us(&self, us: u64) {
+        if let Some(i) = DB_LATENCY_BUCKETS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The smallest bucket bound that holds fraction `q` of the observations (an upper
+    /// estimate of the quantile), in microseconds.
+    pub fn quantile_upper_us(&self, q: f64) -> Option<u64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let want = (q * n as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= want {
+                return Some(DB_LATENCY_BUCKETS_US[i]);
+            }
+        }
+        None
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        let mut cum = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cum += b.load(Ordering::Relaxed);
+            let le = DB_LATENCY_BUCKETS_US[i] as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cum}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count());
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {}", self.count());
+    }
 }
 
 impl ControlStats {
@@ -264,6 +354,7 @@ pub fn render(
     );
 
     render_tls(&mut out, &snaps, certs, control);
+    render_db(&mut out, control);
     family(
         &mut out,
         "ringway_routes",
@@ -328,6 +419,159 @@ pub fn render(
         control.access_log_errors.load(Ordering::Relaxed)
     );
     out
+}
+
+fn render_db(out: &mut String, c: &ControlStats) {
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    family(
+        out,
+        "ringway_snapshot_age_seconds",
+        "gauge",
+        "Seconds since the routes in service were last loaded or changed.",
+    );
+    let last = g(&c.route_last_load_unix);
+    let _ = writeln!(
+        out,
+        "ringway_snapshot_age_seconds {}",
+        if last == 0 {
+            0
+        } else {
+            now.saturating_sub(last)
+        }
+    );
+    for (name, kind, help, v) in [
+        (
+            "ringway_db_connected",
+            "gauge",
+            "1 while the route store holds a database connection.",
+            g(&c.db_connected),
+        ),
+        (
+            "ringway_db_errors_total",
+            "counter",
+            "Database connection failures, lost connections and failed queries.",
+            g(&c.db_errors),
+        ),
+        (
+            "ringway_db_full_loads_total",
+            "counter",
+            "Full loads from the database.",
+            g(&c.full_loads),
+        ),
+        (
+            "ringway_db_incremental_loads_total",
+            "counter",
+            "Change sets read after notifications.",
+            g(&c.incremental_loads),
+        ),
+        (
+            "ringway_db_resyncs_total",
+            "counter",
+            "Full reloads beyond the first (periodic, lost notifications, TRUNCATE).",
+            g(&c.resyncs),
+        ),
+        (
+            "ringway_db_full_load_milliseconds",
+            "gauge",
+            "Duration of the last full load.",
+            g(&c.full_load_ms),
+        ),
+        (
+            "ringway_snapshot_file_writes_total",
+            "counter",
+            "Last-known-good snapshot files written.",
+            g(&c.snapshot_writes),
+        ),
+        (
+            "ringway_snapshot_file_write_errors_total",
+            "counter",
+            "Snapshot file writes that failed.",
+            g(&c.snapshot_write_errors),
+        ),
+        (
+            "ringway_snapshot_file_written_timestamp_seconds",
+            "gauge",
+            "When the snapshot file was last written.",
+            g(&c.snapshot_written_unix),
+        ),
+        (
+            "ringway_serving_from_snapshot_file",
+            "gauge",
+            "1 while the routes in service came from the snapshot file (database not reached since start).",
+            g(&c.serving_from_snapshot),
+        ),
+        (
+            "ringway_log_rows_written_total",
+            "counter",
+            "Log rows written to proxy_logs (replayed ones included).",
+            g(&c.log_rows_written),
+        ),
+        (
+            "ringway_log_rows_spooled_total",
+            "counter",
+            "Log rows written to the disk spool because the database could not take them.",
+            g(&c.log_rows_spooled),
+        ),
+        (
+            "ringway_log_rows_replayed_total",
+            "counter",
+            "Log rows written to proxy_logs from the spool.",
+            g(&c.log_rows_replayed),
+        ),
+        (
+            "ringway_log_rows_dropped_total",
+            "counter",
+            "Log rows dropped because the spool quota was full (rows dropped by full rings: ringway_log_dropped_total).",
+            g(&c.log_rows_dropped),
+        ),
+        (
+            "ringway_log_batches_written_total",
+            "counter",
+            "Log batches written to proxy_logs.",
+            g(&c.log_batches_written),
+        ),
+        (
+            "ringway_log_batches_failed_total",
+            "counter",
+            "Log batch writes that failed (then spooled).",
+            g(&c.log_batches_failed),
+        ),
+        (
+            "ringway_log_batches_duplicate_total",
+            "counter",
+            "Replayed log batches the database already had (skipped).",
+            g(&c.log_batches_duplicate),
+        ),
+        (
+            "ringway_log_spool_bytes",
+            "gauge",
+            "Bytes in the log spool waiting for the database.",
+            g(&c.log_spool_bytes),
+        ),
+    ] {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        out,
+        "ringway_db_change_visible_seconds",
+        "histogram",
+        "From a change committed in the database (trigger time) to the tables workers read.",
+    );
+    c.change_visible
+        .render(out, "ringway_db_change_visible_seconds");
+    family(
+        out,
+        "ringway_log_batch_write_seconds",
+        "histogram",
+        "Duration of one log batch write (transaction with COPY).",
+    );
+    c.log_batch_write
+        .render(out, "ringway_log_batch_write_seconds");
 }
 
 fn render_tls(

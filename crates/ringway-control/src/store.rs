@@ -7,7 +7,28 @@
 
 use ringway_core::route::Route;
 use ringway_core::snapshot::Snapshot;
+use ringway_core::tls::CertEntry;
+use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Incremental changes from a store that follows its source row by row (PostgreSQL).
+#[derive(Debug, Clone, Default)]
+pub struct ChangeSet {
+    pub route_upserts: Vec<(String, Arc<Route>)>,
+    pub route_removes: Vec<String>,
+    /// Certificates by the names they serve (`""`: the default certificate).
+    pub cert_upserts: Vec<(Vec<String>, Arc<CertEntry>)>,
+    pub cert_removes: Vec<String>,
+    /// The complete ACME token set, when it changed.
+    pub acme: Option<HashMap<String, Box<str>>>,
+    /// Reasons of certificate rows refused by this change set.
+    pub refused_new: Vec<&'static str>,
+    /// All certificates refused now, when certificates changed.
+    pub refused_now: Option<Vec<(String, &'static str)>>,
+    /// When the earliest change was made (Unix microseconds, the source's clock), to measure
+    /// change-to-visible latency.
+    pub changed_at_unix_us: Option<i64>,
+}
 
 /// A change to apply to the route table.
 #[derive(Debug, Clone)]
@@ -18,6 +39,8 @@ pub enum StoreEvent {
     Upsert(String, Arc<Route>),
     /// One host pattern removed.
     Remove(String),
+    /// Several changes, applied in order: routes, certificates, ACME tokens.
+    Changes(ChangeSet),
 }
 
 /// Why a store could not produce routes.

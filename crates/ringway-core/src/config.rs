@@ -46,6 +46,7 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     pub admin: AdminConfig,
     pub tls: TlsConfig,
+    pub postgres: PostgresConfig,
 }
 
 /// Which monoio driver the workers run on.
@@ -306,6 +307,9 @@ pub enum StoreKind {
     /// A TOML file, watched for changes (the embedded default).
     #[default]
     File,
+    /// PostgreSQL (`[postgres]`): a full load, then changes through LISTEN/NOTIFY, a periodic
+    /// resync, and a last-known-good snapshot on local disk.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -396,6 +400,84 @@ impl Default for TlsConfig {
     }
 }
 
+/// PostgreSQL as route store (`routes.store = "postgres"`) and/or request log sink
+/// (`postgres.logs.enabled`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection string: `postgres://user@host:port/db` or libpq `key=value` pairs.
+    pub url: String,
+    /// Longest wait for a connection (and for its first query) before counting a failure.
+    pub connect_timeout_ms: u64,
+    /// Apply pending schema migrations at start (else `ringway migrate` does it).
+    pub migrate_on_start: bool,
+    /// A full reload this often repairs anything a missed notification left behind.
+    pub resync_interval_ms: u64,
+    /// Reconnect delays double from 100 ms up to this.
+    pub reconnect_backoff_max_ms: u64,
+    /// At start, how long to wait for the first load from the database before serving from
+    /// the snapshot file (or not at all, when there is none: `/readyz` says so).
+    pub startup_wait_ms: u64,
+    /// Last-known-good snapshot (routes, certificates, ACME tokens), rewritten after every
+    /// successful load; read at start. Holds private keys: written with mode 0600.
+    pub snapshot_path: PathBuf,
+    /// This node's name in `proxy_logs.node`; empty: the host name.
+    pub node_name: String,
+    pub logs: PostgresLogsConfig,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "host=127.0.0.1 port=5432 user=postgres dbname=ringway".into(),
+            connect_timeout_ms: 3000,
+            migrate_on_start: false,
+            resync_interval_ms: 60_000,
+            reconnect_backoff_max_ms: 5000,
+            startup_wait_ms: 5000,
+            snapshot_path: PathBuf::from("ringway-data/snapshot.json"),
+            node_name: String::new(),
+            logs: PostgresLogsConfig::default(),
+        }
+    }
+}
+
+/// Request log rows into `proxy_logs` with binary COPY.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresLogsConfig {
+    pub enabled: bool,
+    /// A batch is written when it holds this many rows ...
+    pub batch_rows_max: usize,
+    /// ... or when its first row is this old.
+    pub flush_interval_ms: u64,
+    /// A batch write (one transaction) that takes longer counts as failed: the batch is
+    /// spooled and the connection replaced.
+    pub write_timeout_ms: u64,
+    /// Batches that cannot be written go to append-only segment files here, replayed in order
+    /// when the database is back.
+    pub spool_dir: PathBuf,
+    /// Disk quota of the spool; past it, batches are dropped (and counted).
+    pub spool_bytes_max: u64,
+    /// At shutdown, how long to keep trying to write what is buffered before leaving it in
+    /// the spool for the next start.
+    pub shutdown_flush_ms: u64,
+}
+
+impl Default for PostgresLogsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            batch_rows_max: 5000,
+            flush_interval_ms: 200,
+            write_timeout_ms: 10_000,
+            spool_dir: PathBuf::from("ringway-data/spool"),
+            spool_bytes_max: 1 << 30,
+            shutdown_flush_ms: 5000,
+        }
+    }
+}
+
 /// A configuration that parses but cannot be run.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -410,6 +492,10 @@ pub enum ConfigError {
     NoListener,
     #[error("security header {0:?} is not a valid header")]
     BadHeader(String),
+    #[error(
+        "postgres.url is empty but routes.store = \"postgres\" or postgres.logs.enabled needs it"
+    )]
+    NoDatabaseUrl,
 }
 
 fn range<T: PartialOrd + ToString>(
@@ -582,6 +668,74 @@ impl Config {
             0,
             10_000_000,
             "0 to 10,000,000",
+        )?;
+        let pg = &self.postgres;
+        if (self.routes.store == StoreKind::Postgres || pg.logs.enabled) && pg.url.trim().is_empty()
+        {
+            return Err(ConfigError::NoDatabaseUrl);
+        }
+        range(
+            "postgres.connect_timeout_ms",
+            pg.connect_timeout_ms,
+            10,
+            600_000,
+            "10 ms to 10 minutes",
+        )?;
+        range(
+            "postgres.resync_interval_ms",
+            pg.resync_interval_ms,
+            100,
+            86_400_000,
+            "100 ms to 1 day",
+        )?;
+        range(
+            "postgres.reconnect_backoff_max_ms",
+            pg.reconnect_backoff_max_ms,
+            100,
+            600_000,
+            "100 ms to 10 minutes",
+        )?;
+        range(
+            "postgres.startup_wait_ms",
+            pg.startup_wait_ms,
+            0,
+            600_000,
+            "0 to 10 minutes",
+        )?;
+        range(
+            "postgres.logs.batch_rows_max",
+            pg.logs.batch_rows_max,
+            1,
+            1_000_000,
+            "1 to 1,000,000",
+        )?;
+        range(
+            "postgres.logs.flush_interval_ms",
+            pg.logs.flush_interval_ms,
+            1,
+            600_000,
+            "1 ms to 10 minutes",
+        )?;
+        range(
+            "postgres.logs.write_timeout_ms",
+            pg.logs.write_timeout_ms,
+            10,
+            600_000,
+            "10 ms to 10 minutes",
+        )?;
+        range(
+            "postgres.logs.spool_bytes_max",
+            pg.logs.spool_bytes_max,
+            0,
+            1 << 44,
+            "0 to 16 TiB",
+        )?;
+        range(
+            "postgres.logs.shutdown_flush_ms",
+            pg.logs.shutdown_flush_ms,
+            0,
+            600_000,
+            "0 to 10 minutes",
         )?;
         for h in &self.headers.security {
             let name_ok = ringway_proto::token::is_token(h.name.as_bytes());

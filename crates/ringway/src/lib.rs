@@ -4,8 +4,11 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
-use ringway_control::{ControlHandle, ControlParams};
+use ringway_control::pg::logs::LogSinkConfig;
+use ringway_control::pg::store::PgStoreConfig;
+use ringway_control::{ControlHandle, ControlParams, StoreChoice};
 use ringway_core::config::Config;
+use ringway_core::config::StoreKind;
 use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{Driver, RouteTable, Shutdown, WorkerStats, log_ring};
 use ringway_worker::{Settings, TlsSetup, WorkerSpec, Workers};
@@ -37,6 +40,42 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     } else {
         base.join(p)
     }
+}
+
+/// Applies pending schema migrations before serving (`postgres.migrate_on_start`). An
+/// unreachable database is not fatal (the node serves from its snapshot and the store keeps
+/// trying); a migration that fails is.
+fn migrate_at_start(pg: &ringway_core::config::PostgresConfig) -> anyhow::Result<()> {
+    ringway_control::pg::block_on(async {
+        let timeout = Duration::from_millis(pg.connect_timeout_ms);
+        let mut conn = match ringway_control::pg::connect(&pg.url, timeout, false).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "migrations skipped: database unreachable");
+                return Ok(());
+            }
+        };
+        let applied = ringway_control::pg::migrate::migrate(&mut conn.client).await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "schema migrations applied");
+        }
+        Ok(())
+    })?
+}
+
+/// Runs the migrations (`ringway migrate`): returns the versions applied.
+pub fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
+    ringway_control::pg::block_on(async {
+        let pg = &config.postgres;
+        let mut conn = ringway_control::pg::connect(
+            &pg.url,
+            Duration::from_millis(pg.connect_timeout_ms),
+            false,
+        )
+        .await
+        .with_context(|| format!("connecting to {}", ringway_control::pg::redact(&pg.url)))?;
+        Ok(ringway_control::pg::migrate::migrate(&mut conn.client).await?)
+    })?
 }
 
 /// Start-up choices that are not config.
@@ -107,15 +146,80 @@ impl Drop for Running {
 /// Starts the proxy. `base` resolves relative paths of the config (its folder).
 pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Running> {
     config.validate()?;
-    let routes_path = resolve(base, &config.routes.file);
-    let (initial, routes_hash) = ringway_control::file_store::load_routes_file_hashed(&routes_path)
-        .with_context(|| "loading routes (the file store is the route source)")?;
     let tables = ringway_control::Tables {
         routes: Arc::new(RouteTable::new()),
         certs: Arc::new(CertTable::new()),
         acme: Arc::new(AcmeTable::new()),
     };
-    tables.apply(&initial);
+    let store = match config.routes.store {
+        StoreKind::File => {
+            let routes_path = resolve(base, &config.routes.file);
+            let (initial, routes_hash) =
+                ringway_control::file_store::load_routes_file_hashed(&routes_path)
+                    .with_context(|| "loading routes (the file store is the route source)")?;
+            tables.apply(&initial);
+            StoreChoice::File {
+                path: routes_path,
+                poll: Duration::from_millis(config.routes.poll_interval_ms),
+                initial: Some((initial, routes_hash)),
+            }
+        }
+        StoreKind::Postgres => {
+            let pg = &config.postgres;
+            if pg.migrate_on_start {
+                migrate_at_start(pg)?;
+            }
+            let snapshot_path = resolve(base, &pg.snapshot_path);
+            // Serve the last-known-good state at once; the database catches up below.
+            let seed = match ringway_control::pg::snapshot_file::read(&snapshot_path) {
+                Ok(Some(l)) => {
+                    tracing::info!(
+                        path = %snapshot_path.display(),
+                        hosts = l.snapshot.routes.hosts.len(),
+                        certificates = l.snapshot.certs.entries.len(),
+                        written_unix = l.written_unix,
+                        "routes from the snapshot file"
+                    );
+                    tables.apply(&l.snapshot);
+                    Some(l)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot file unusable; waiting for the database");
+                    None
+                }
+            };
+            StoreChoice::Postgres {
+                config: PgStoreConfig {
+                    url: pg.url.clone(),
+                    connect_timeout: Duration::from_millis(pg.connect_timeout_ms),
+                    resync_interval: Duration::from_millis(pg.resync_interval_ms),
+                    backoff_max: Duration::from_millis(pg.reconnect_backoff_max_ms),
+                    snapshot_path,
+                },
+                seed,
+            }
+        }
+    };
+    let pg_logs = config.postgres.logs.enabled.then(|| {
+        let pg = &config.postgres;
+        LogSinkConfig {
+            url: pg.url.clone(),
+            connect_timeout: Duration::from_millis(pg.connect_timeout_ms),
+            write_timeout: Duration::from_millis(pg.logs.write_timeout_ms),
+            batch_rows_max: pg.logs.batch_rows_max,
+            flush_interval: Duration::from_millis(pg.logs.flush_interval_ms),
+            spool_dir: resolve(base, &pg.logs.spool_dir),
+            spool_bytes_max: pg.logs.spool_bytes_max,
+            shutdown_flush: Duration::from_millis(pg.logs.shutdown_flush_ms),
+            backoff_max: Duration::from_millis(pg.reconnect_backoff_max_ms),
+            node: if pg.node_name.is_empty() {
+                ringway_control::pg::host_name()
+            } else {
+                pg.node_name.clone()
+            },
+        }
+    });
     let routes = tables.routes.clone();
 
     let cores = ringway_worker::plan_cores(&config.workers);
@@ -170,24 +274,24 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
 
     let worker_stats: Vec<Arc<WorkerStats>> =
         (0..n).map(|_| Arc::new(WorkerStats::new())).collect();
-    let (producers, consumers): (Vec<_>, Vec<_>) = if config.access_log.enabled {
-        (0..n)
-            .map(|_| {
-                let (p, c) = log_ring(config.access_log.ring_bytes);
-                (Some(p), c)
-            })
-            .unzip()
-    } else {
-        ((0..n).map(|_| None).collect(), Vec::new())
-    };
+    let (producers, consumers): (Vec<_>, Vec<_>) =
+        if config.access_log.enabled || config.postgres.logs.enabled {
+            (0..n)
+                .map(|_| {
+                    let (p, c) = log_ring(config.access_log.ring_bytes);
+                    (Some(p), c)
+                })
+                .unzip()
+        } else {
+            ((0..n).map(|_| None).collect(), Vec::new())
+        };
     let shutdown = Arc::new(Shutdown::new());
 
     let control = ringway_control::start(ControlParams {
-        routes_path,
-        initial: Some((initial, routes_hash)),
+        store,
+        pg_logs,
         certs: tables.certs.clone(),
         acme: tables.acme.clone(),
-        routes_poll: Duration::from_millis(config.routes.poll_interval_ms),
         access_log: config
             .access_log
             .enabled
@@ -200,6 +304,33 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         admin,
         handle_signals: opts.handle_signals,
     })?;
+    if config.routes.store == StoreKind::Postgres {
+        // Give the database a moment to deliver the first full load, so a healthy start
+        // serves current routes from its first request; past the wait, serve the snapshot
+        // (or nothing, not ready) and let the store catch up.
+        let end =
+            std::time::Instant::now() + Duration::from_millis(config.postgres.startup_wait_ms);
+        while control
+            .stats
+            .full_loads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+            && std::time::Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if control
+            .stats
+            .full_loads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            tracing::warn!(
+                from_snapshot = routes.is_loaded(),
+                "database not reached at start; serving the snapshot file's routes while retrying"
+            );
+        }
+    }
 
     let mut settings = Settings::from_config(&config);
     if config.tls.redirect_port.is_none() {

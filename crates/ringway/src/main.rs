@@ -43,6 +43,12 @@ enum Command {
         /// Config file (TOML).
         config: PathBuf,
     },
+    /// Apply pending PostgreSQL schema migrations (`[postgres] url` of the config) and exit.
+    Migrate {
+        /// Config file (TOML).
+        #[arg(long, short, default_value = "examples/ringway.toml")]
+        config: PathBuf,
+    },
     /// Write a self-signed certificate and key (ECDSA P-256) for local HTTPS testing.
     DevCert {
         /// Names the certificate covers.
@@ -71,6 +77,7 @@ fn main() {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check(config),
         Command::DevCert { names, cert, key } => dev_cert(&names, &cert, &key),
+        Command::Migrate { config } => migrate(config),
     };
     if let Err(e) = result {
         eprintln!("ringway: {e:#}");
@@ -93,8 +100,29 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn migrate(path: PathBuf) -> anyhow::Result<()> {
+    let (config, _) = ringway::load_config(&path)?;
+    let applied = ringway::migrate(&config)?;
+    if applied.is_empty() {
+        println!("schema up to date");
+    } else {
+        println!("applied migrations {applied:?}");
+    }
+    Ok(())
+}
+
 fn check(path: PathBuf) -> anyhow::Result<()> {
     let (config, base) = ringway::load_config(&path)?;
+    if config.routes.store == ringway_core::config::StoreKind::Postgres {
+        // The database is not contacted here: `ringway migrate` does, and `serve` reports it.
+        println!(
+            "{}: ok (routes from PostgreSQL {}, snapshot file {})",
+            path.display(),
+            ringway_control::pg::redact(&config.postgres.url),
+            ringway::resolve(&base, &config.postgres.snapshot_path).display()
+        );
+        return Ok(());
+    }
     let routes_path = ringway::resolve(&base, &config.routes.file);
     let set = ringway_control::file_store::load_routes_file(&routes_path)
         .with_context(|| format!("routes file {}", routes_path.display()))?;

@@ -71,11 +71,17 @@ fn config() -> Arc<ClientConfig> {
 }
 
 /// One connection: handshake, request, response to EOF. Returns whether the status was 2xx.
-fn one(addr: SocketAddr, name: &ServerName<'static>, config: &Arc<ClientConfig>, req: &[u8]) -> std::io::Result<bool> {
+fn one(
+    addr: SocketAddr,
+    name: &ServerName<'static>,
+    config: &Arc<ClientConfig>,
+    req: &[u8],
+) -> std::io::Result<bool> {
     let tcp = TcpStream::connect_timeout(&addr, CONNECTION_TIMEOUT)?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
-    let conn = ClientConnection::new(config.clone(), name.clone()).map_err(std::io::Error::other)?;
+    let conn =
+        ClientConnection::new(config.clone(), name.clone()).map_err(std::io::Error::other)?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
     s.write_all(req)?;
     let mut resp = Vec::with_capacity(1024);
@@ -104,7 +110,8 @@ pub fn run(addr: SocketAddr, host: &str, path: &str, connections: usize, seconds
         eprintln!("bad server name {host:?}");
         std::process::exit(2)
     });
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let threads: Vec<_> = (0..connections)
         .map(|_| {
@@ -114,7 +121,9 @@ pub fn run(addr: SocketAddr, host: &str, path: &str, connections: usize, seconds
                 while Instant::now() < end {
                     let t = Instant::now();
                     match one(addr, &name, &config, &req) {
-                        Ok(true) => lat_us.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
+                        Ok(true) => {
+                            lat_us.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                        }
                         _ => errors += 1,
                     }
                 }

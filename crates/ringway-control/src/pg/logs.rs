@@ -1,0 +1,407 @@
+//! Request log rows into `proxy_logs`: batches built from the ring drains, written with
+//! binary COPY by one task, spooled to disk when the database cannot take them, replayed in
+//! order when it can.
+//!
+//! ```text
+//! rings ──drain (every drain interval)──► BatchBuilder ──(full or flush interval)──► queue
+//!   queue (LOG_BATCHES_QUEUED_MAX) ──► writer: spool empty and connected? COPY : spool
+//!   queue full ──► spool directly (the drain never waits for the database)
+//!   writer, when connected: spool oldest first, then the queue
+//! ```
+//!
+//! Exactly once: a batch carries an id, and the transaction that copies its rows first
+//! inserts the id into `ringway_log_batches`; a batch whose commit outcome was unknown (the
+//! connection broke) is retried from the spool and skipped if the id is already there.
+//! Records are dropped only when a ring is full (counted by the worker) or the spool quota is
+//! (counted here).
+
+use super::copy::{self, COLUMNS, HEADER, TRAILER};
+use super::spool::{Batch, Spool, SpoolError};
+use super::{Backoff, Conn, PgError, connect};
+use crate::metrics::ControlStats;
+use futures_util::SinkExt;
+use ringway_core::LogEntry;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Batches waiting for the writer; past it the drain spools them itself.
+pub const LOG_BATCHES_QUEUED_MAX: usize = 8;
+/// Written batch ids are kept this long (a spooled batch older than that could be written
+/// twice if its first write's outcome was unknown).
+const BATCH_IDS_KEPT: &str = "7 days";
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Settings of the log sink.
+#[derive(Debug, Clone)]
+pub struct LogSinkConfig {
+    pub url: String,
+    pub connect_timeout: Duration,
+    pub write_timeout: Duration,
+    pub batch_rows_max: usize,
+    pub flush_interval: Duration,
+    pub spool_dir: PathBuf,
+    pub spool_bytes_max: u64,
+    pub shutdown_flush: Duration,
+    pub backoff_max: Duration,
+    pub node: String,
+}
+
+/// Builds batches from drained records (on the control thread, no await).
+#[derive(Debug)]
+pub struct BatchBuilder {
+    node: Vec<u8>,
+    prefix: String,
+    seq: u64,
+    rows_max: usize,
+    flush_interval: Duration,
+    current: Option<(Batch, Instant)>,
+}
+
+impl BatchBuilder {
+    pub fn new(cfg: &LogSinkConfig) -> Self {
+        // Unique across nodes and restarts: node name, start time, sequence.
+        let start_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        Self {
+            node: cfg.node.as_bytes().to_vec(),
+            prefix: format!("{}-{start_us}-{}", cfg.node, std::process::id()),
+            seq: 0,
+            rows_max: cfg.batch_rows_max,
+            flush_interval: cfg.flush_interval,
+            current: None,
+        }
+    }
+
+    /// Adds a record; returns a batch when this one filled it.
+    pub fn push(&mut self, e: &LogEntry<'_>) -> Option<Batch> {
+        let (b, _) = self.current.get_or_insert_with(|| {
+            self.seq += 1;
+            (
+                Batch {
+                    id: format!("{}-{}", self.prefix, self.seq),
+                    rows: 0,
+                    data: Vec::with_capacity(64 * 1024),
+                },
+                Instant::now(),
+            )
+        });
+        copy::encode_row(e, &self.node, &mut b.data);
+        b.rows += 1;
+        if b.rows as usize >= self.rows_max {
+            return self.take();
+        }
+        None
+    }
+
+    /// The batch in progress, if its first row is older than the flush interval.
+    pub fn take_if_due(&mut self) -> Option<Batch> {
+        match &self.current {
+            Some((_, started)) if started.elapsed() >= self.flush_interval => self.take(),
+            _ => None,
+        }
+    }
+
+    /// The batch in progress, whatever its age.
+    pub fn take(&mut self) -> Option<Batch> {
+        self.current.take().map(|(b, _)| b)
+    }
+}
+
+/// The sink's two ends: the drain side (sync) and the writer task.
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<ControlStats>,
+}
+
+impl LogSink {
+    /// Hands a batch to the writer, or spools it when the writer is behind.
+    pub fn submit(&self, b: Batch) {
+        match self.tx.try_send(b) {
+            Ok(()) => {}
+            Err(
+                tokio::sync::mpsc::error::TrySendError::Full(b)
+                | tokio::sync::mpsc::error::TrySendError::Closed(b),
+            ) => {
+                spool_batch(&self.spool, &b, &self.stats);
+            }
+        }
+    }
+
+    /// Hands over the last batch at shutdown, waiting for room.
+    pub async fn submit_wait(&self, b: Batch) {
+        if let Err(e) = self.tx.send(b).await {
+            spool_batch(&self.spool, &e.0, &self.stats);
+        }
+    }
+}
+
+fn spool_batch(spool: &Mutex<Spool>, b: &Batch, stats: &ControlStats) {
+    let Ok(mut s) = spool.lock() else { return };
+    match s.append(b) {
+        Ok(()) => {
+            stats
+                .log_rows_spooled
+                .fetch_add(u64::from(b.rows), Ordering::Relaxed);
+        }
+        Err(e) => {
+            stats
+                .log_rows_dropped
+                .fetch_add(u64::from(b.rows), Ordering::Relaxed);
+            match e {
+                SpoolError::Full { .. } => {
+                    tracing::error!(rows = b.rows, error = %e, "log rows dropped: database unavailable and spool full")
+                }
+                SpoolError::Io { .. } => {
+                    tracing::error!(rows = b.rows, error = %e, "log rows dropped: spool write failed")
+                }
+            }
+        }
+    }
+    stats.log_spool_bytes.store(s.bytes(), Ordering::Relaxed);
+}
+
+/// Opens the spool and starts the writer task; returns the drain side and the task.
+pub fn start(
+    cfg: LogSinkConfig,
+    stats: Arc<ControlStats>,
+) -> Result<(LogSink, tokio::task::JoinHandle<()>), SpoolError> {
+    let spool = Spool::open(&cfg.spool_dir, cfg.spool_bytes_max)?;
+    if !spool.is_empty() {
+        tracing::info!(bytes = spool.bytes(), dir = %cfg.spool_dir.display(), "log spool from an earlier run: replaying when the database is reachable");
+    }
+    stats
+        .log_spool_bytes
+        .store(spool.bytes(), Ordering::Relaxed);
+    let spool = Arc::new(Mutex::new(spool));
+    let (tx, rx) = tokio::sync::mpsc::channel(LOG_BATCHES_QUEUED_MAX);
+    let writer = Writer {
+        backoff: Backoff::new(cfg.backoff_max),
+        cfg,
+        conn: None,
+        retry_at: Instant::now(),
+        spool: spool.clone(),
+        stats: stats.clone(),
+        next_prune: Instant::now(),
+    };
+    let task = tokio::spawn(writer.run(rx));
+    Ok((LogSink { tx, spool, stats }, task))
+}
+
+struct Writer {
+    cfg: LogSinkConfig,
+    conn: Option<Conn>,
+    backoff: Backoff,
+    /// No connection attempt before this (backoff).
+    retry_at: Instant,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<ControlStats>,
+    next_prune: Instant,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Batch>) {
+        loop {
+            // The spool first, oldest first, so rows land in the order they were made.
+            if self.replay_one().await {
+                continue;
+            }
+            let wait = if self.spool_empty() {
+                Duration::from_secs(1)
+            } else {
+                self.retry_at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(50))
+            };
+            let b = tokio::select! {
+                b = rx.recv() => b,
+                _ = tokio::time::sleep(wait) => continue,
+            };
+            let Some(b) = b else { break };
+            if self.spool_empty() && self.connected().await {
+                if !self.write(&b, false).await {
+                    spool_batch(&self.spool, &b, &self.stats);
+                }
+            } else {
+                spool_batch(&self.spool, &b, &self.stats);
+            }
+            self.prune().await;
+        }
+        // Shutdown: every queued batch is written or spooled; try the spool within the
+        // budget, and leave the rest on disk for the next start.
+        let end = Instant::now() + self.cfg.shutdown_flush;
+        while !self.spool_empty() && Instant::now() < end {
+            if !self.replay_one().await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let left = self.spool.lock().map(|s| s.bytes()).unwrap_or(0);
+        if left > 0 {
+            tracing::warn!(bytes = left, dir = %self.cfg.spool_dir.display(), "log spool not empty at shutdown: replayed at the next start");
+        }
+    }
+
+    fn spool_empty(&self) -> bool {
+        self.spool.lock().map(|s| s.is_empty()).unwrap_or(true)
+    }
+
+    /// Writes the oldest spooled batch if connected; true if one was written.
+    async fn replay_one(&mut self) -> bool {
+        if self.spool_empty() || !self.connected().await {
+            return false;
+        }
+        let next = match self.spool.lock() {
+            Ok(mut s) => s.peek(),
+            Err(_) => return false,
+        };
+        let b = match next {
+            Ok(Some(b)) => b,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the log spool failed");
+                return false;
+            }
+        };
+        if !self.write(&b, true).await {
+            return false;
+        }
+        if let Ok(mut s) = self.spool.lock() {
+            if let Err(e) = s.consume() {
+                tracing::error!(error = %e, "log spool: cannot remove a replayed segment");
+            }
+            self.stats
+                .log_spool_bytes
+                .store(s.bytes(), Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Whether a connection is up, connecting if the backoff allows.
+    async fn connected(&mut self) -> bool {
+        if self.conn.as_ref().is_some_and(|c| !c.is_closed()) {
+            return true;
+        }
+        if self.conn.take().is_some() {
+            ControlStats::inc(&self.stats.db_errors);
+        }
+        if Instant::now() < self.retry_at {
+            return false;
+        }
+        match connect(&self.cfg.url, self.cfg.connect_timeout, false).await {
+            Ok(c) => {
+                self.conn = Some(c);
+                self.backoff.reset();
+                tracing::info!("log sink connected");
+                true
+            }
+            Err(e) => {
+                ControlStats::inc(&self.stats.db_errors);
+                let d = self.backoff.next_delay();
+                self.retry_at = Instant::now() + d;
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "log sink: database unreachable; spooling");
+                false
+            }
+        }
+    }
+
+    /// One batch in one transaction; false (and the connection dropped) on failure.
+    async fn write(&mut self, b: &Batch, replay: bool) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        let started = std::time::Instant::now();
+        let r =
+            tokio::time::timeout(self.cfg.write_timeout, write_batch(&mut conn.client, b)).await;
+        let r = match r {
+            Ok(r) => r,
+            Err(_) => Err(PgError::Timeout(self.cfg.write_timeout)),
+        };
+        match r {
+            Ok(inserted) => {
+                self.stats
+                    .log_batch_write
+                    .observe_us(started.elapsed().as_micros() as u64);
+                if inserted {
+                    ControlStats::inc(&self.stats.log_batches_written);
+                    self.stats
+                        .log_rows_written
+                        .fetch_add(u64::from(b.rows), Ordering::Relaxed);
+                    if replay {
+                        self.stats
+                            .log_rows_replayed
+                            .fetch_add(u64::from(b.rows), Ordering::Relaxed);
+                    }
+                } else {
+                    ControlStats::inc(&self.stats.log_batches_duplicate);
+                }
+                true
+            }
+            Err(e) => {
+                ControlStats::inc(&self.stats.log_batches_failed);
+                ControlStats::inc(&self.stats.db_errors);
+                tracing::warn!(error = %e, rows = b.rows, "log batch write failed; spooling");
+                self.conn = None;
+                self.retry_at = Instant::now() + self.backoff.next_delay();
+                false
+            }
+        }
+    }
+
+    async fn prune(&mut self) {
+        if Instant::now() < self.next_prune {
+            return;
+        }
+        self.next_prune = Instant::now() + PRUNE_EVERY;
+        if let Some(c) = &self.conn {
+            let sql = format!(
+                "DELETE FROM ringway_log_batches WHERE written_at < now() - interval '{BATCH_IDS_KEPT}'"
+            );
+            if let Err(e) = c.client.execute(sql.as_str(), &[]).await {
+                tracing::warn!(error = %e, "pruning ringway_log_batches failed");
+            }
+        }
+    }
+}
+
+/// The transaction: claim the batch id, copy the rows, commit. Ok(false): the id was taken
+/// (an earlier attempt landed), nothing copied.
+async fn write_batch(client: &mut tokio_postgres::Client, b: &Batch) -> Result<bool, PgError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(PgError::query("begin"))?;
+    let n = tx
+        .execute(
+            "INSERT INTO ringway_log_batches (batch_id, rows) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&b.id, &(b.rows as i32)],
+        )
+        .await
+        .map_err(PgError::query("claiming the batch id"))?;
+    if n == 0 {
+        tx.rollback().await.map_err(PgError::query("rollback"))?;
+        return Ok(false);
+    }
+    let sink = tx
+        .copy_in(&format!(
+            "COPY proxy_logs ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await
+        .map_err(PgError::query("COPY"))?;
+    futures_util::pin_mut!(sink);
+    let mut data = bytes::BytesMut::with_capacity(HEADER.len() + b.data.len() + TRAILER.len());
+    data.extend_from_slice(HEADER);
+    data.extend_from_slice(&b.data);
+    data.extend_from_slice(TRAILER);
+    sink.send(data.freeze())
+        .await
+        .map_err(PgError::query("COPY data"))?;
+    sink.finish().await.map_err(PgError::query("COPY end"))?;
+    tx.commit().await.map_err(PgError::query("commit"))?;
+    Ok(true)
+}
