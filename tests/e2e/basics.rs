@@ -415,8 +415,11 @@ fn admin_endpoints() {
     for _ in 0..3 {
         get(p.addr, "app.test", "/m");
     }
+    // Counters move just after the response is written: wait for them.
+    assert!(eventually(std::time::Duration::from_secs(5), || p
+        .metric_sum("ringway_requests_total")
+        == 3.0));
     let m = p.metrics();
-    assert_eq!(metric_sum(&m, "ringway_requests_total"), 3.0);
     assert_eq!(
         metric_sum(&m, "ringway_request_duration_seconds_count"),
         3.0
