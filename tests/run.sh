@@ -14,6 +14,22 @@ if cargo tree -p ringway-worker -e normal --locked 2>/dev/null | grep -Eq '\b(to
     exit 1
 fi
 
+# PostgreSQL for the database tests: the server at 127.0.0.1:5432 (user postgres, trust) if
+# one answers, else a throwaway cluster (initdb + pg_ctl) on a free port, removed on exit.
+# Tests read RINGWAY_TEST_PG and create and drop their own databases.
+if [[ -z "${RINGWAY_TEST_PG:-}" ]]; then
+    if (command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432) \
+        || (command -v psql >/dev/null && psql -h 127.0.0.1 -p 5432 -U postgres -qAtc 'select 1' >/dev/null 2>&1); then
+        export RINGWAY_TEST_PG="host=127.0.0.1 port=5432 user=postgres"
+    else
+        source tests/pg-throwaway.sh
+        pg_throwaway_start
+        export RINGWAY_TEST_PG="host=127.0.0.1 port=$PG_THROWAWAY_PORT user=postgres"
+        trap pg_throwaway_stop EXIT
+    fi
+fi
+echo "tests: PostgreSQL at $RINGWAY_TEST_PG" >&2
+
 # Two test threads: every end-to-end test starts its own proxy with two workers.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 cargo test --workspace --locked "$@"

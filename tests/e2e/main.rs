@@ -4,6 +4,7 @@
 
 mod basics;
 mod bodies;
+mod postgres;
 mod process;
 mod reload;
 mod smuggling;

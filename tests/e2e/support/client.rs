@@ -69,6 +69,13 @@ impl Conn {
     }
 
     /// Reads one response. `head_request`: the request was HEAD (no body follows).
+    /// A GET that reports failure instead of panicking (for traffic generators).
+    pub fn try_get(&mut self, host: &str, path: &str) -> Option<Response> {
+        self.try_send(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .ok()?;
+        self.read_response(false).ok()
+    }
+
     pub fn read_response(&mut self, head_request: bool) -> std::io::Result<Response> {
         let mut raw = Vec::new();
         loop {

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod origin;
+pub mod pg;
 pub mod pki;
 
 use ringway_core::config::Config;
@@ -100,6 +101,27 @@ impl TestProxy {
             admin,
             config,
         }
+    }
+
+    /// Stops the proxy and starts it again in the same directory with the same config
+    /// (listeners get new ports).
+    pub fn restart(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+        let running = ringway::start(
+            self.config.clone(),
+            self.dir.path(),
+            ringway::Options {
+                handle_signals: false,
+                allocator_trim: None,
+            },
+        )
+        .unwrap();
+        self.addr = running.http_addr.unwrap();
+        self.admin = running.admin_addr.unwrap();
+        self.https = running.https_addr;
+        self.running = Some(running);
     }
 
     pub fn routes_path(&self) -> PathBuf {

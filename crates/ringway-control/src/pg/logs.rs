@@ -29,6 +29,10 @@ use tokio::time::Instant;
 
 /// Batches waiting for the writer; past it the drain spools them itself.
 pub const LOG_BATCHES_QUEUED_MAX: usize = 8;
+/// Spooled batches replayed in one transaction, and their bytes: replay must outrun the
+/// rows still arriving after an outage.
+pub const REPLAY_BATCHES_MAX: usize = 64;
+pub const REPLAY_BYTES_MAX: usize = 32 << 20;
 /// Written batch ids are kept this long (a spooled batch older than that could be written
 /// twice if its first write's outcome was unknown).
 const BATCH_IDS_KEPT: &str = "7 days";
@@ -212,8 +216,13 @@ impl Writer {
             if self.replay_one().await {
                 continue;
             }
+            if let Ok(mut s) = self.spool.lock()
+                && let Err(e) = s.sync_if_due()
+            {
+                tracing::error!(error = %e, "log spool sync failed");
+            }
             let wait = if self.spool_empty() {
-                Duration::from_secs(1)
+                super::spool::SYNC_INTERVAL
             } else {
                 self.retry_at
                     .saturating_duration_since(Instant::now())
@@ -225,7 +234,7 @@ impl Writer {
             };
             let Some(b) = b else { break };
             if self.spool_empty() && self.connected().await {
-                if !self.write(&b, false).await {
+                if !self.write(std::slice::from_ref(&b), false).await {
                     spool_batch(&self.spool, &b, &self.stats);
                 }
             } else {
@@ -257,18 +266,18 @@ impl Writer {
             return false;
         }
         let next = match self.spool.lock() {
-            Ok(mut s) => s.peek(),
+            Ok(mut s) => s.peek_many(REPLAY_BATCHES_MAX, REPLAY_BYTES_MAX),
             Err(_) => return false,
         };
-        let b = match next {
-            Ok(Some(b)) => b,
-            Ok(None) => return false,
+        let batches = match next {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => return false,
             Err(e) => {
                 tracing::error!(error = %e, "reading the log spool failed");
                 return false;
             }
         };
-        if !self.write(&b, true).await {
+        if !self.write(&batches, true).await {
             return false;
         }
         if let Ok(mut s) = self.spool.lock() {
@@ -310,42 +319,47 @@ impl Writer {
         }
     }
 
-    /// One batch in one transaction; false (and the connection dropped) on failure.
-    async fn write(&mut self, b: &Batch, replay: bool) -> bool {
+    /// Batches in one transaction; false (and the connection dropped) on failure.
+    async fn write(&mut self, batches: &[Batch], replay: bool) -> bool {
         let Some(conn) = self.conn.as_mut() else {
             return false;
         };
         let started = std::time::Instant::now();
-        let r =
-            tokio::time::timeout(self.cfg.write_timeout, write_batch(&mut conn.client, b)).await;
+        let r = tokio::time::timeout(
+            self.cfg.write_timeout,
+            write_batches(&mut conn.client, batches),
+        )
+        .await;
         let r = match r {
             Ok(r) => r,
             Err(_) => Err(PgError::Timeout(self.cfg.write_timeout)),
         };
         match r {
-            Ok(inserted) => {
+            Ok(w) => {
                 self.stats
                     .log_batch_write
                     .observe_us(started.elapsed().as_micros() as u64);
-                if inserted {
-                    ControlStats::inc(&self.stats.log_batches_written);
+                self.stats
+                    .log_batches_written
+                    .fetch_add(w.batches, Ordering::Relaxed);
+                self.stats
+                    .log_batches_duplicate
+                    .fetch_add(w.duplicates, Ordering::Relaxed);
+                self.stats
+                    .log_rows_written
+                    .fetch_add(w.rows, Ordering::Relaxed);
+                if replay {
                     self.stats
-                        .log_rows_written
-                        .fetch_add(u64::from(b.rows), Ordering::Relaxed);
-                    if replay {
-                        self.stats
-                            .log_rows_replayed
-                            .fetch_add(u64::from(b.rows), Ordering::Relaxed);
-                    }
-                } else {
-                    ControlStats::inc(&self.stats.log_batches_duplicate);
+                        .log_rows_replayed
+                        .fetch_add(w.rows, Ordering::Relaxed);
                 }
                 true
             }
             Err(e) => {
                 ControlStats::inc(&self.stats.log_batches_failed);
                 ControlStats::inc(&self.stats.db_errors);
-                tracing::warn!(error = %e, rows = b.rows, "log batch write failed; spooling");
+                let rows: u64 = batches.iter().map(|b| u64::from(b.rows)).sum();
+                tracing::warn!(error = %e, rows, "log batch write failed; spooling");
                 self.conn = None;
                 self.retry_at = Instant::now() + self.backoff.next_delay();
                 false
@@ -369,23 +383,43 @@ impl Writer {
     }
 }
 
-/// The transaction: claim the batch id, copy the rows, commit. Ok(false): the id was taken
-/// (an earlier attempt landed), nothing copied.
-async fn write_batch(client: &mut tokio_postgres::Client, b: &Batch) -> Result<bool, PgError> {
+/// What one transaction wrote.
+struct Written {
+    batches: u64,
+    duplicates: u64,
+    rows: u64,
+}
+
+/// The transaction: claim the batch ids, copy the rows of those that were new, commit.
+/// Batches whose id was already there (an earlier attempt landed) are skipped.
+async fn write_batches(
+    client: &mut tokio_postgres::Client,
+    batches: &[Batch],
+) -> Result<Written, PgError> {
     let tx = client
         .transaction()
         .await
         .map_err(PgError::query("begin"))?;
-    let n = tx
-        .execute(
-            "INSERT INTO ringway_log_batches (batch_id, rows) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&b.id, &(b.rows as i32)],
+    let ids: Vec<&str> = batches.iter().map(|b| b.id.as_str()).collect();
+    let rows: Vec<i32> = batches.iter().map(|b| b.rows as i32).collect();
+    let claimed = tx
+        .query(
+            "INSERT INTO ringway_log_batches (batch_id, rows) SELECT * FROM unnest($1::text[], $2::int4[]) \
+             ON CONFLICT DO NOTHING RETURNING batch_id",
+            &[&ids, &rows],
         )
         .await
-        .map_err(PgError::query("claiming the batch id"))?;
-    if n == 0 {
+        .map_err(PgError::query("claiming batch ids"))?;
+    let claimed: std::collections::HashSet<String> = claimed.iter().map(|r| r.get(0)).collect();
+    let new: Vec<&Batch> = batches.iter().filter(|b| claimed.contains(&b.id)).collect();
+    let written = Written {
+        batches: new.len() as u64,
+        duplicates: (batches.len() - new.len()) as u64,
+        rows: new.iter().map(|b| u64::from(b.rows)).sum(),
+    };
+    if new.is_empty() {
         tx.rollback().await.map_err(PgError::query("rollback"))?;
-        return Ok(false);
+        return Ok(written);
     }
     let sink = tx
         .copy_in(&format!(
@@ -394,14 +428,17 @@ async fn write_batch(client: &mut tokio_postgres::Client, b: &Batch) -> Result<b
         .await
         .map_err(PgError::query("COPY"))?;
     futures_util::pin_mut!(sink);
-    let mut data = bytes::BytesMut::with_capacity(HEADER.len() + b.data.len() + TRAILER.len());
+    let len: usize = new.iter().map(|b| b.data.len()).sum();
+    let mut data = bytes::BytesMut::with_capacity(HEADER.len() + len + TRAILER.len());
     data.extend_from_slice(HEADER);
-    data.extend_from_slice(&b.data);
+    for b in &new {
+        data.extend_from_slice(&b.data);
+    }
     data.extend_from_slice(TRAILER);
     sink.send(data.freeze())
         .await
         .map_err(PgError::query("COPY data"))?;
     sink.finish().await.map_err(PgError::query("COPY end"))?;
     tx.commit().await.map_err(PgError::query("commit"))?;
-    Ok(true)
+    Ok(written)
 }

@@ -3,7 +3,10 @@
 //!
 //! A segment is `spool-<seq>.seg`, a sequence of frames:
 //! `magic u32 | body length u32 | crc32(body) u32 | body`, body = `id length u16 | id | rows
-//! u32 | COPY rows`. Appends are flushed with `fdatasync`. A frame that does not check out (a
+//! u32 | COPY rows`. Appends reach the disk with `fdatasync` at most every `SYNC_INTERVAL`
+//! (and when the spool is dropped): a process crash loses nothing (the page cache has it), a
+//! power loss at most that interval of rows, and an outage does not turn into one disk flush
+//! per batch on the control thread. A frame that does not check out (a
 //! crash mid-append) ends its segment: what follows it is not trusted and is counted as
 //! dropped. Replayed batches are skipped by the database if they already landed (batch ids), so
 //! replaying a segment twice after a crash duplicates nothing.
@@ -17,6 +20,8 @@ const MAGIC: u32 = 0x5257_4c31; // "RWL1"
 const FRAME_HEAD_BYTES: usize = 12;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
+/// Longest an appended frame waits for `fdatasync`.
+pub const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Largest frame accepted on read (a corrupt length cannot make us allocate more).
 pub const FRAME_BYTES_MAX: usize = 256 << 20;
 
@@ -60,8 +65,12 @@ pub struct Spool {
     tail: Option<File>,
     /// Read position in the oldest segment.
     read_offset: u64,
-    /// Rows in frames that could not be read back (torn or corrupt).
+    /// Frames that could not be read back (torn or corrupt).
     pub corrupt_frames: u64,
+    /// Lengths of the frames `peek_many` returned, not yet consumed.
+    peeked: Vec<u64>,
+    /// Appended since the last sync.
+    unsynced_since: Option<std::time::Instant>,
 }
 
 pub fn crc32(data: &[u8]) -> u32 {
@@ -118,6 +127,8 @@ impl Spool {
             tail: None,
             read_offset: 0,
             corrupt_frames: 0,
+            peeked: Vec::new(),
+            unsynced_since: None,
         })
     }
 
@@ -170,14 +181,84 @@ impl Spool {
             unreachable!("a tail segment was just ensured");
         };
         f.write_all(&frame).map_err(io_err(&seg.path))?;
-        f.sync_data().map_err(io_err(&seg.path))?;
         seg.len += frame_len;
+        let since = *self
+            .unsynced_since
+            .get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= SYNC_INTERVAL {
+            self.sync()?;
+        }
         Ok(())
+    }
+
+    /// Syncs if frames have waited `SYNC_INTERVAL`.
+    pub fn sync_if_due(&mut self) -> Result<(), SpoolError> {
+        if self
+            .unsynced_since
+            .is_some_and(|t| t.elapsed() >= SYNC_INTERVAL)
+        {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes appended frames to the disk.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        if self.unsynced_since.take().is_some()
+            && let (Some(f), Some(seg)) = (self.tail.as_ref(), self.segments.back())
+        {
+            f.sync_data().map_err(io_err(&seg.path))?;
+        }
+        Ok(())
+    }
+
+    /// Up to `max_batches` of the oldest batches (from one segment, at most `max_bytes` of
+    /// rows beyond the first), in order; `consume` then removes them.
+    pub fn peek_many(
+        &mut self,
+        max_batches: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Batch>, SpoolError> {
+        self.peeked.clear();
+        let Some(first) = self.peek_first()? else {
+            return Ok(Vec::new());
+        };
+        let Some(seg) = self.segments.front() else {
+            return Ok(Vec::new());
+        };
+        let path = seg.path.clone();
+        let seg_len = seg.len;
+        let mut offset = self.read_offset;
+        let mut bytes = first.data.len();
+        let mut out = Vec::new();
+        // `peek` validated the first frame; read it again for its length.
+        if let Some((_, len)) = read_frame(&path, offset)? {
+            self.peeked.push(len);
+            offset += len;
+        }
+        out.push(first);
+        while out.len() < max_batches && offset < seg_len {
+            match read_frame(&path, offset)? {
+                Some((b, len)) if bytes + b.data.len() <= max_bytes => {
+                    bytes += b.data.len();
+                    self.peeked.push(len);
+                    offset += len;
+                    out.push(b);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 
     /// The oldest batch not yet consumed. Corrupt data ends a segment (counted); the
     /// segment is then discarded.
     pub fn peek(&mut self) -> Result<Option<Batch>, SpoolError> {
+        self.peeked.clear();
+        self.peek_first()
+    }
+
+    fn peek_first(&mut self) -> Result<Option<Batch>, SpoolError> {
         loop {
             let Some(seg) = self.segments.front() else {
                 return Ok(None);
@@ -211,8 +292,12 @@ impl Spool {
         let Some(seg) = self.segments.front() else {
             return Ok(());
         };
-        if let Some((_, len)) = read_frame(&seg.path, self.read_offset)? {
-            self.read_offset += len;
+        if self.peeked.is_empty() {
+            if let Some((_, len)) = read_frame(&seg.path, self.read_offset)? {
+                self.read_offset += len;
+            }
+        } else {
+            self.read_offset += self.peeked.drain(..).sum::<u64>();
         }
         let seg_len = seg.len;
         if self.read_offset >= seg_len {
@@ -226,6 +311,7 @@ impl Spool {
     }
 
     fn drop_front(&mut self) -> Result<(), SpoolError> {
+        self.peeked.clear();
         if let Some(seg) = self.segments.pop_front() {
             std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
         }
@@ -271,6 +357,12 @@ fn read_frame(path: &Path, offset: u64) -> Result<Option<(Batch, u64)>, SpoolErr
     )))
 }
 
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = self.sync();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +399,21 @@ mod tests {
             s.consume().unwrap();
         }
         assert_eq!(seen, [0, 1, 2, 3, 4]);
+        for i in 10..20 {
+            s.append(&batch(i)).unwrap();
+        }
+        let some = s.peek_many(4, 1 << 20).unwrap();
+        assert_eq!(
+            some.iter().map(|b| b.rows).collect::<Vec<_>>(),
+            [10, 11, 12, 13]
+        );
+        s.consume().unwrap();
+        let rest = s.peek_many(100, 1 << 20).unwrap();
+        assert_eq!(
+            rest.iter().map(|b| b.rows).collect::<Vec<_>>(),
+            (14..20).collect::<Vec<_>>()
+        );
+        s.consume().unwrap();
         assert!(s.is_empty());
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),

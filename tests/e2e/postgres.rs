@@ -1,0 +1,450 @@
+//! PostgreSQL as the route store and the request log sink, against the real server: each test
+//! creates its own database (see `support::pg`), and outages go through a relay the test cuts,
+//! never the shared server.
+
+use crate::support::pg::{Relay, TestDb};
+use crate::support::pki::{Ca, TlsClient};
+use crate::support::*;
+use ringway_core::config::{Config, StoreKind};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+const SECS: Duration = Duration::from_secs(10);
+
+/// A proxy whose routes come from `url`.
+fn pg_proxy(url: String, tweak: impl FnOnce(&mut Config)) -> TestProxy {
+    TestProxy::start_with("", |c| {
+        c.routes.store = StoreKind::Postgres;
+        c.postgres.url = url;
+        c.postgres.startup_wait_ms = 5000;
+        c.postgres.connect_timeout_ms = 1000;
+        c.postgres.reconnect_backoff_max_ms = 300;
+        tweak(c)
+    })
+}
+
+/// One project and environment, and a deployment per upstream (ids 1, 2, ...).
+fn seed(db: &TestDb, upstreams: &[SocketAddr]) {
+    db.exec("INSERT INTO projects (id, slug) VALUES (1, 'p1'); INSERT INTO environments (id, project_id, name) VALUES (1, 1, 'prod')");
+    for (i, u) in upstreams.iter().enumerate() {
+        db.exec(&format!("INSERT INTO deployments (id, project_id, environment_id, upstreams) VALUES ({}, 1, 1, '{{{u}}}')", i + 1));
+    }
+}
+
+fn status(p: &TestProxy, host: &str, path: &str) -> u16 {
+    get(p.addr, host, path).status
+}
+
+/// Sum of the histogram buckets with `le` equal to `le`.
+fn bucket(m: &str, name: &str, le: &str) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{le=\"{le}\"}}")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn migrations_apply_on_an_empty_database_and_are_idempotent() {
+    let db = TestDb::create();
+    let mut c = Config::default();
+    c.postgres.url = db.url();
+    assert_eq!(ringway::migrate(&c).unwrap(), vec![1]);
+    assert_eq!(ringway::migrate(&c).unwrap(), Vec::<i32>::new());
+    assert_eq!(db.i64("SELECT count(*) FROM ringway_schema_migrations"), 1);
+    for t in [
+        "projects",
+        "environments",
+        "deployments",
+        "domains",
+        "certificates",
+        "acme_challenges",
+        "proxy_logs",
+        "ringway_log_batches",
+    ] {
+        assert_eq!(db.i64(&format!("SELECT count(*) FROM {t}")), 0, "{t}");
+    }
+    // The binary does the same.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ringway.toml");
+    std::fs::write(&cfg, format!("[postgres]\nurl = \"{}\"\n", db.url())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["migrate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "schema up to date"
+    );
+}
+
+#[test]
+fn domain_changes_are_served_as_the_database_says() {
+    let (o1, o2) = (Origin::start(), Origin::start());
+    let db = TestDb::migrated();
+    seed(&db, &[o1.addr, o2.addr]);
+    let p = pg_proxy(db.url(), |_| {});
+    assert!(
+        p.running().routes.is_loaded(),
+        "an empty database is a loaded (empty) route set"
+    );
+    assert_eq!(status(&p, "a.test", "/0"), 404);
+
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    assert!(eventually(SECS, || status(&p, "a.test", "/1") == 200));
+    assert!(o1.paths().contains(&"/1".to_string()));
+
+    db.exec("UPDATE domains SET redirect_https = true WHERE hostname = 'a.test'");
+    assert!(eventually(SECS, || status(&p, "a.test", "/2") == 301));
+
+    // Pointed to another deployment.
+    db.exec(
+        "UPDATE domains SET redirect_https = false, deployment_id = 2 WHERE hostname = 'a.test'",
+    );
+    assert!(eventually(SECS, || status(&p, "a.test", "/3") == 200
+        && o2.paths().contains(&"/3".to_string())));
+
+    // Renamed: the old name goes, the new one comes.
+    db.exec("UPDATE domains SET hostname = 'b.test' WHERE hostname = 'a.test'");
+    assert!(eventually(SECS, || status(&p, "b.test", "/4") == 200
+        && status(&p, "a.test", "/5") == 404));
+
+    // The deployment's upstreams change: its domains follow.
+    db.exec(&format!(
+        "UPDATE deployments SET upstreams = '{{{}}}' WHERE id = 2",
+        o1.addr
+    ));
+    assert!(eventually(SECS, || status(&p, "b.test", "/6") == 200
+        && o1.paths().contains(&"/6".to_string())));
+
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('*.w.test', 1)");
+    assert!(eventually(SECS, || status(&p, "x.w.test", "/7") == 200));
+
+    db.exec("DELETE FROM domains WHERE hostname = 'b.test'");
+    assert!(eventually(SECS, || status(&p, "b.test", "/8") == 404));
+
+    // A deployment deleted takes its domains along (ON DELETE CASCADE, then their triggers).
+    db.exec("DELETE FROM deployments WHERE id = 1");
+    assert!(eventually(SECS, || status(&p, "x.w.test", "/9") == 404));
+
+    // Every change was visible within 100 ms, by the proxy's own clock (trigger time to
+    // table applied).
+    let m = p.metrics();
+    let count = metric_sum(&m, "ringway_db_change_visible_seconds_count");
+    assert!(count >= 8.0, "{m}");
+    assert_eq!(
+        bucket(&m, "ringway_db_change_visible_seconds", "0.1"),
+        count,
+        "{m}"
+    );
+    assert_eq!(metric_sum(&m, "ringway_db_full_loads_total"), 1.0);
+}
+
+#[test]
+fn certificate_rows_are_validated_served_and_replaced() {
+    let origin = Origin::start();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1), ('b.test', 1)");
+    let ca = Ca::new();
+    let (v1, v2, other, fallback) = (
+        ca.leaf(&["a.test"]),
+        ca.leaf(&["a.test"]),
+        ca.leaf(&["a.test"]),
+        ca.leaf(&["fallback.test"]),
+    );
+    db.exec_params(
+        "INSERT INTO certificates (domain, cert_pem, key_pem) VALUES ('a.test', $1, $2)",
+        &[&v1.cert_pem, &v1.key_pem],
+    );
+    let p = pg_proxy(db.url(), |c| {
+        c.listen.https = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let https = p.https.unwrap();
+    let client = ca.client_no_resumption();
+    let presented = |sni: &str| {
+        TlsClient::connect(https, &client, sni)
+            .ok()
+            .map(|c| c.peer_cert())
+    };
+    assert_eq!(presented("a.test"), Some(v1.der.clone()));
+    let mut c = TlsClient::connect(https, &client, "a.test").unwrap();
+    assert_eq!(c.get("a.test", "/tls").unwrap().status, 200);
+
+    // Replaced: the next handshake gets the new one.
+    db.exec_params(
+        "UPDATE certificates SET cert_pem = $1, key_pem = $2 WHERE domain = 'a.test'",
+        &[&v2.cert_pem, &v2.key_pem],
+    );
+    assert!(eventually(SECS, || presented("a.test") == Some(v2.der.clone())));
+
+    // A malformed row is skipped and reported; nothing is served for it.
+    db.exec("INSERT INTO certificates (domain, cert_pem, key_pem) VALUES ('b.test', 'not a certificate', 'not a key')");
+    let refused = |domain: &str| {
+        let m = p.metrics();
+        m.lines().any(|l| {
+            l.starts_with(&format!(
+                "ringway_tls_certificate_refused{{certificate=\"{domain}\""
+            ))
+        })
+    };
+    assert!(eventually(SECS, || refused("b.test")), "{}", p.metrics());
+    assert_eq!(presented("b.test"), None);
+    // A replacement whose key does not match: refused, the version in service stays.
+    db.exec_params(
+        "UPDATE certificates SET key_pem = $1 WHERE domain = 'a.test'",
+        &[&other.key_pem],
+    );
+    assert!(eventually(SECS, || refused("a.test")));
+    assert_eq!(presented("a.test"), Some(v2.der.clone()));
+    // The default certificate.
+    db.exec_params("INSERT INTO certificates (domain, cert_pem, key_pem, is_default) VALUES ('fallback.test', $1, $2, true)", &[&fallback.cert_pem, &fallback.key_pem]);
+    let any = crate::support::pki::client_accepting_any();
+    assert!(eventually(SECS, || TlsClient::connect(
+        https,
+        &any,
+        "unknown.test"
+    )
+    .is_ok_and(|c| c.peer_cert() == fallback.der)));
+    db.exec("UPDATE certificates SET is_default = false WHERE domain = 'fallback.test'");
+    assert!(eventually(SECS, || TlsClient::connect(
+        https,
+        &any,
+        "unknown.test"
+    )
+    .is_err()));
+    // Deleted: no longer served.
+    db.exec("DELETE FROM certificates WHERE domain IN ('a.test', 'b.test')");
+    assert!(eventually(SECS, || presented("a.test").is_none() && !refused("b.test")));
+}
+
+#[test]
+fn acme_challenges_come_from_the_database() {
+    let origin = Origin::start();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec(
+        "INSERT INTO domains (hostname, deployment_id, redirect_https) VALUES ('a.test', 1, true)",
+    );
+    let p = pg_proxy(db.url(), |_| {});
+    db.exec(
+        "INSERT INTO acme_challenges (token, key_authorization) VALUES ('tok_1', 'tok_1.thumb')",
+    );
+    assert!(eventually(SECS, || get(
+        p.addr,
+        "a.test",
+        "/.well-known/acme-challenge/tok_1"
+    )
+    .text()
+        == "tok_1.thumb"));
+    db.exec("DELETE FROM acme_challenges");
+    assert!(eventually(SECS, || status(
+        &p,
+        "a.test",
+        "/.well-known/acme-challenge/tok_1"
+    ) == 301));
+}
+
+/// Sends requests on keep-alive connections until told to stop; counts them and failures.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(addr: SocketAddr, host: &'static str, threads: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let threads = (0..threads)
+            .map(|t| {
+                let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut c = Conn::connect(addr);
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let r = c.try_get(host, &format!("/t{t}/{i}"));
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        match r {
+                            Some(r) if r.status == 200 => {}
+                            _ => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                c = Conn::connect(addr);
+                            }
+                        }
+                        if i.is_multiple_of(100) {
+                            // Now and then a new connection, as browsers do.
+                            c = Conn::connect(addr);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            sent,
+            failed,
+            threads,
+        }
+    }
+
+    /// Stops; returns (sent, failed).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[test]
+fn database_outage_keeps_serving_spools_logs_and_replays_them_once() {
+    let origin = Origin::start_unrecorded();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    let relay = Relay::start(db.server_addr());
+    let mut p = pg_proxy(db.url_via(&relay), |c| {
+        c.access_log.enabled = false;
+        c.postgres.logs.enabled = true;
+        c.postgres.logs.flush_interval_ms = 50;
+        c.postgres.logs.batch_rows_max = 500;
+        c.postgres.logs.write_timeout_ms = 1000;
+    });
+    let traffic = Traffic::start(p.addr, "a.test", 2);
+    assert!(eventually(SECS, || p
+        .metric_sum("ringway_log_rows_written_total")
+        > 200.0));
+    relay.cut();
+    // Requests go on; their rows pile up in the spool.
+    assert!(
+        eventually(SECS, || p.metric_sum("ringway_log_rows_spooled_total")
+            > 500.0),
+        "{}",
+        p.metrics()
+    );
+    assert!(p.metric_sum("ringway_db_errors_total") >= 1.0);
+    relay.restore();
+    assert!(
+        eventually(SECS, || p.metric_sum("ringway_log_rows_replayed_total")
+            > 0.0
+            && p.metric_sum("ringway_log_spool_bytes") == 0.0),
+        "{}",
+        p.metrics()
+    );
+    let (sent, failed) = traffic.finish();
+    assert_eq!(failed, 0, "requests failed during the outage");
+    // Stopping flushes the rings and what is queued.
+    p.stop();
+    let rows = db.i64("SELECT count(*) FROM proxy_logs");
+    let distinct = db.i64("SELECT count(DISTINCT request_id) FROM proxy_logs");
+    assert_eq!(rows as u64, sent, "every request has its row");
+    assert_eq!(distinct, rows, "no row written twice");
+}
+
+#[test]
+fn restart_with_the_database_down_serves_from_the_snapshot() {
+    let origin = Origin::start();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    let ca = Ca::new();
+    let leaf = ca.leaf(&["a.test"]);
+    db.exec_params(
+        "INSERT INTO certificates (domain, cert_pem, key_pem) VALUES ('a.test', $1, $2)",
+        &[&leaf.cert_pem, &leaf.key_pem],
+    );
+    let relay = Relay::start(db.server_addr());
+    let mut p = pg_proxy(db.url_via(&relay), |c| {
+        c.listen.https = Some("127.0.0.1:0".parse().unwrap());
+        c.postgres.startup_wait_ms = 500;
+    });
+    assert_eq!(status(&p, "a.test", "/before"), 200);
+    assert!(eventually(SECS, || p
+        .metric_sum("ringway_snapshot_file_writes_total")
+        >= 1.0));
+
+    relay.cut();
+    p.restart();
+    assert_eq!(status(&p, "a.test", "/from-snapshot"), 200);
+    assert_eq!(get(p.admin, "admin", "/readyz").status, 200);
+    let client = ca.client_no_resumption();
+    assert_eq!(
+        TlsClient::connect(p.https.unwrap(), &client, "a.test")
+            .unwrap()
+            .peer_cert(),
+        leaf.der
+    );
+    let m = p.metrics();
+    assert_eq!(
+        metric_sum(&m, "ringway_serving_from_snapshot_file"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric_sum(&m, "ringway_db_connected"), 0.0);
+
+    // What changed while the node was cut off arrives when the database is back.
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('c.test', 1)");
+    relay.restore();
+    assert!(eventually(SECS, || status(&p, "c.test", "/caught-up") == 200));
+    assert!(eventually(SECS, || p
+        .metric_sum("ringway_serving_from_snapshot_file")
+        == 0.0));
+}
+
+#[test]
+fn not_ready_without_database_or_snapshot_until_the_database_answers() {
+    let origin = Origin::start();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    let relay = Relay::start(db.server_addr());
+    relay.cut();
+    let p = pg_proxy(db.url_via(&relay), |c| c.postgres.startup_wait_ms = 200);
+    assert_eq!(get(p.admin, "admin", "/readyz").status, 503);
+    relay.restore();
+    assert!(eventually(SECS, || get(p.admin, "admin", "/readyz").status == 200));
+    assert!(eventually(SECS, || status(&p, "a.test", "/ready") == 200));
+}
+
+#[test]
+fn sustained_load_writes_one_row_per_request() {
+    let origin = Origin::start_unrecorded();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    let mut p = pg_proxy(db.url(), |c| {
+        c.access_log.enabled = false;
+        c.postgres.logs.enabled = true;
+    });
+    let traffic = Traffic::start(p.addr, "a.test", 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let (sent, failed) = traffic.finish();
+    assert_eq!(failed, 0);
+    // A request to an unknown host is logged too (no route ids).
+    assert_eq!(status(&p, "nowhere.test", "/x"), 404);
+    p.stop();
+    assert_eq!(db.i64("SELECT count(*) FROM proxy_logs") as u64, sent + 1);
+    assert_eq!(db.i64("SELECT count(*) FROM proxy_logs WHERE host = 'a.test' AND status = 200 AND project_id = 1 AND deployment_id = 1 AND client_ip = '127.0.0.1'") as u64, sent);
+    assert_eq!(db.i64("SELECT count(*) FROM proxy_logs WHERE host = 'nowhere.test' AND status = 404 AND project_id IS NULL"), 1);
+    assert_eq!(
+        db.i64(
+            "SELECT count(*) FROM proxy_logs WHERE ts < now() - interval '1 minute' OR ts > now()"
+        ),
+        0,
+        "timestamps are now"
+    );
+}
