@@ -83,6 +83,10 @@ fn migrations_apply_on_an_empty_database_and_are_idempotent() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "schema up to date"
     );
+    // A schema from a newer Ringway: this binary refuses to migrate it.
+    db.exec("INSERT INTO ringway_schema_migrations (version, name) VALUES (99, 'future')");
+    let err = format!("{:#}", ringway::migrate(&c).unwrap_err());
+    assert!(err.contains("newer"), "{err}");
 }
 
 #[test]
@@ -447,4 +451,43 @@ fn sustained_load_writes_one_row_per_request() {
         0,
         "timestamps are now"
     );
+}
+
+#[test]
+fn a_batch_the_database_refuses_is_dropped_and_counted_not_retried_forever() {
+    let origin = Origin::start_unrecorded();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec(
+        "INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1), ('poison.test', 1)",
+    );
+    // A rule the platform added that Ringway's rows break (a constraint, a trigger, a
+    // missing partition): retrying cannot help.
+    db.exec("ALTER TABLE proxy_logs ADD CONSTRAINT no_poison CHECK (host <> 'poison.test')");
+    let p = pg_proxy(db.url(), |c| {
+        c.postgres.logs.enabled = true;
+        c.postgres.logs.flush_interval_ms = 20;
+    });
+    for i in 0..5 {
+        assert_eq!(status(&p, "a.test", &format!("/before{i}")), 200);
+    }
+    assert!(eventually(SECS, || db
+        .i64("SELECT count(*) FROM proxy_logs")
+        == 5));
+    assert_eq!(status(&p, "poison.test", "/x"), 200);
+    assert!(
+        eventually(SECS, || p.metric_sum("ringway_log_batches_refused_total")
+            == 1.0),
+        "{}",
+        p.metrics()
+    );
+    // Rows behind it flow again.
+    for i in 0..5 {
+        assert_eq!(status(&p, "a.test", &format!("/after{i}")), 200);
+    }
+    assert!(eventually(SECS, || db.i64(
+        "SELECT count(*) FROM proxy_logs WHERE path LIKE '/after%'"
+    ) == 5));
+    assert!(p.metric_sum("ringway_log_rows_dropped_total") >= 1.0);
+    assert_eq!(p.metric_sum("ringway_log_spool_bytes"), 0.0);
 }

@@ -30,8 +30,10 @@ CREATE TABLE deployments (
 );
 CREATE INDEX deployments_project ON deployments (project_id);
 
--- A host name (exact, or "*.example.com" for one more label) pointing to a deployment, with
--- per-domain options. Lower case, no trailing dot, no port.
+-- A host name pointing to a deployment, with per-domain options. Lower case, no trailing
+-- dot, no port. "*.example.com" matches every host under example.com that no exact domain
+-- names (a.example.com, a.b.example.com), not example.com itself. (Certificates differ:
+-- a wildcard certificate covers one label only.)
 CREATE TABLE domains (
     id                       bigserial PRIMARY KEY,
     hostname                 text NOT NULL UNIQUE CHECK (hostname = lower(hostname) AND hostname <> ''),

@@ -155,14 +155,24 @@ pub fn start(p: ControlParams) -> Result<ControlHandle, ControlError> {
             .route_last_load_unix
             .store(unix_now(), Ordering::Relaxed);
     }
-    if let StoreChoice::Postgres { seed: Some(_), .. } = &p.store {
+    if let StoreChoice::Postgres { seed: Some(l), .. } = &p.store {
         stats.serving_from_snapshot.store(1, Ordering::Relaxed);
+        // The routes are as old as the snapshot file, not as the process.
+        stats.route_last_load_unix.store(
+            u64::try_from(l.written_unix).unwrap_or(0),
+            Ordering::Relaxed,
+        );
     }
+    // Opened here so that an unusable spool directory stops start-up.
+    let spool = match &p.pg_logs {
+        Some(c) => Some(pg::spool::Spool::open(&c.spool_dir, c.spool_bytes_max)?),
+        None => None,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let st = stats.clone();
     let thread = std::thread::Builder::new()
         .name("ringway-control".into())
-        .spawn(move || rt.block_on(run(p, log_file, st, rx)))
+        .spawn(move || rt.block_on(run(p, log_file, st, rx, spool)))
         .map_err(ControlError::Thread)?;
     Ok(ControlHandle {
         stop: Some(tx),
@@ -262,6 +272,7 @@ async fn run(
     log_file: Option<std::fs::File>,
     stats: Arc<ControlStats>,
     stop: tokio::sync::oneshot::Receiver<()>,
+    spool: Option<pg::spool::Spool>,
 ) {
     let tables = Tables {
         routes: p.routes.clone(),
@@ -286,18 +297,13 @@ async fn run(
             tokio::spawn(follow_store(store, tables, stats.clone()));
         }
     }
-    let mut db_logs = match p.pg_logs {
-        Some(cfg) => {
+    let mut db_logs = match (p.pg_logs, spool) {
+        (Some(cfg), Some(spool)) => {
             let builder = pg::logs::BatchBuilder::new(&cfg);
-            match pg::logs::start(cfg, stats.clone()) {
-                Ok((sink, task)) => Some((builder, sink, task)),
-                Err(e) => {
-                    tracing::error!(error = %e, "database log sink unavailable: its rows are dropped");
-                    None
-                }
-            }
+            let (sink, task) = pg::logs::start(cfg, spool, stats.clone());
+            Some((builder, sink, task))
         }
-        None => None,
+        _ => None,
     };
 
     if let Some(l) = p.admin {
@@ -336,7 +342,7 @@ async fn run(
                     _ = int.recv() => {}
                     _ = hup.recv() => {
                         // Without a handler SIGHUP would kill the process without draining.
-                        tracing::info!("SIGHUP ignored: routes are reloaded when their file changes");
+                        tracing::info!("SIGHUP ignored: routes follow their store (file changes, database notifications) without a signal");
                         continue;
                     }
                 }

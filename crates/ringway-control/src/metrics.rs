@@ -47,13 +47,18 @@ pub struct ControlStats {
     pub log_batches_failed: AtomicU64,
     pub log_batches_duplicate: AtomicU64,
     pub log_spool_bytes: AtomicU64,
+    /// Spool frames that could not be read back (torn by a crash, or corrupt).
+    pub log_spool_corrupt_frames: AtomicU64,
+    /// Batches the database refused (SQL error, not a connection failure) again and again,
+    /// dropped so the spool behind them can move; their rows count as dropped.
+    pub log_batches_refused: AtomicU64,
     pub log_batch_write: Histogram,
 }
 
 /// Bucket upper bounds of the latency histograms, in microseconds.
-pub const DB_LATENCY_BUCKETS_US: [u64; 14] = [
-    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
-    2_000_000, 5_000_000, 10_000_000,
+pub const DB_LATENCY_BUCKETS_US: [u64; 18] = [
+    100, 250, 500, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000, 20_000, 50_000, 100_000,
+    250_000, 500_000, 1_000_000, 5_000_000, 10_000_000,
 ];
 
 /// A fixed-bucket latency histogram (Prometheus style: cumulative when rendered).
@@ -551,6 +556,18 @@ fn render_db(out: &mut String, c: &ControlStats) {
             "gauge",
             "Bytes in the log spool waiting for the database.",
             g(&c.log_spool_bytes),
+        ),
+        (
+            "ringway_log_spool_corrupt_frames_total",
+            "counter",
+            "Spool frames that could not be read back (torn by a crash, or corrupt); the rest of their segment is discarded.",
+            g(&c.log_spool_corrupt_frames),
+        ),
+        (
+            "ringway_log_batches_refused_total",
+            "counter",
+            "Log batches the database refused repeatedly (SQL errors), dropped so the spool can move on; their rows count in ringway_log_rows_dropped_total.",
+            g(&c.log_batches_refused),
         ),
     ] {
         family(out, name, kind, help);

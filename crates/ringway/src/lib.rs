@@ -246,7 +246,7 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         .transpose()?;
     if https_addr.is_some() && tables.certs.is_empty() {
         tracing::warn!(
-            "listen.https is set but the routes file names no certificate: every handshake will be refused"
+            "listen.https is set but the route store holds no certificate (yet): handshakes are refused until one arrives"
         );
     }
     let tls_setup = TlsSetup {

@@ -20,7 +20,8 @@ fn trim_allocator() {
 ///
 /// Each core runs a pinned worker on io_uring with its own listener and upstream pools. Routes
 /// map host names to upstream addresses and come from a TOML file (watched and reloaded
-/// without a restart). Logs go to stderr (level from RUST_LOG, default info); /metrics,
+/// without a restart) or from PostgreSQL (followed through LISTEN/NOTIFY; `ringway migrate`
+/// creates the schema). Logs go to stderr (level from RUST_LOG, default info); /metrics,
 /// /healthz and /readyz are served on the admin listener.
 #[derive(Debug, Parser)]
 #[command(name = "ringway", version, about, long_about)]

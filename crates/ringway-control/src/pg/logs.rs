@@ -33,6 +33,10 @@ pub const LOG_BATCHES_QUEUED_MAX: usize = 8;
 /// rows still arriving after an outage.
 pub const REPLAY_BATCHES_MAX: usize = 64;
 pub const REPLAY_BYTES_MAX: usize = 32 << 20;
+/// A spooled batch the database refuses (an SQL error, not a lost connection) this many
+/// times in a row, alone in its transaction, is dropped and counted: one bad batch must not
+/// hold up everything behind it until the quota fills.
+pub const REFUSALS_MAX: u32 = 3;
 /// Written batch ids are kept this long (a spooled batch older than that could be written
 /// twice if its first write's outcome was unknown).
 const BATCH_IDS_KEPT: &str = "7 days";
@@ -172,11 +176,13 @@ fn spool_batch(spool: &Mutex<Spool>, b: &Batch, stats: &ControlStats) {
 }
 
 /// Opens the spool and starts the writer task; returns the drain side and the task.
+/// Starts the writer task over a spool the caller opened (at start-up, so an unusable spool
+/// directory stops Ringway instead of silently losing rows).
 pub fn start(
     cfg: LogSinkConfig,
+    spool: Spool,
     stats: Arc<ControlStats>,
-) -> Result<(LogSink, tokio::task::JoinHandle<()>), SpoolError> {
-    let spool = Spool::open(&cfg.spool_dir, cfg.spool_bytes_max)?;
+) -> (LogSink, tokio::task::JoinHandle<()>) {
     if !spool.is_empty() {
         tracing::info!(bytes = spool.bytes(), dir = %cfg.spool_dir.display(), "log spool from an earlier run: replaying when the database is reachable");
     }
@@ -193,9 +199,11 @@ pub fn start(
         spool: spool.clone(),
         stats: stats.clone(),
         next_prune: Instant::now(),
+        replay_width: REPLAY_BATCHES_MAX,
+        refusals: 0,
     };
     let task = tokio::spawn(writer.run(rx));
-    Ok((LogSink { tx, spool, stats }, task))
+    (LogSink { tx, spool, stats }, task)
 }
 
 struct Writer {
@@ -207,12 +215,27 @@ struct Writer {
     spool: Arc<Mutex<Spool>>,
     stats: Arc<ControlStats>,
     next_prune: Instant,
+    /// Batches per replay transaction: 1 while isolating a batch the database refuses.
+    replay_width: usize,
+    /// Consecutive refusals of the batch at the head of the spool.
+    refusals: u32,
+}
+
+/// How a write ended.
+enum Outcome {
+    Written,
+    /// The connection failed or timed out: retry later.
+    Failed,
+    /// The database answered with an error: retrying the same rows may never work.
+    Refused,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Batch>) {
         loop {
-            // The spool first, oldest first, so rows land in the order they were made.
+            // The spool first, oldest first. (Rows land roughly in the order they were made:
+            // when the queue is full the drain spools its newest batch ahead of the queued
+            // ones. proxy_logs is read by `ts`, not by insertion order.)
             if self.replay_one().await {
                 continue;
             }
@@ -226,7 +249,7 @@ impl Writer {
             } else {
                 self.retry_at
                     .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(50))
+                    .clamp(Duration::from_millis(50), super::spool::SYNC_INTERVAL)
             };
             let b = tokio::select! {
                 b = rx.recv() => b,
@@ -234,7 +257,10 @@ impl Writer {
             };
             let Some(b) = b else { break };
             if self.spool_empty() && self.connected().await {
-                if !self.write(std::slice::from_ref(&b), false).await {
+                if !matches!(
+                    self.write(std::slice::from_ref(&b), false).await,
+                    Outcome::Written
+                ) {
                     spool_batch(&self.spool, &b, &self.stats);
                 }
             } else {
@@ -266,7 +292,7 @@ impl Writer {
             return false;
         }
         let next = match self.spool.lock() {
-            Ok(mut s) => s.peek_many(REPLAY_BATCHES_MAX, REPLAY_BYTES_MAX),
+            Ok(mut s) => s.peek_many(self.replay_width, REPLAY_BYTES_MAX),
             Err(_) => return false,
         };
         let batches = match next {
@@ -277,10 +303,35 @@ impl Writer {
                 return false;
             }
         };
-        if !self.write(&batches, true).await {
-            return false;
+        match self.write(&batches, true).await {
+            Outcome::Written => {
+                self.replay_width = REPLAY_BATCHES_MAX;
+                self.refusals = 0;
+            }
+            Outcome::Failed => return false,
+            Outcome::Refused if batches.len() > 1 => {
+                // Find the batch at fault: one at a time from here.
+                self.replay_width = 1;
+                return false;
+            }
+            Outcome::Refused => {
+                self.refusals += 1;
+                if self.refusals < REFUSALS_MAX {
+                    return false;
+                }
+                let rows: u64 = batches.iter().map(|b| u64::from(b.rows)).sum();
+                tracing::error!(batch = %batches[0].id, rows, "log batch refused by the database {REFUSALS_MAX} times: dropped");
+                ControlStats::inc(&self.stats.log_batches_refused);
+                self.stats
+                    .log_rows_dropped
+                    .fetch_add(rows, Ordering::Relaxed);
+                self.refusals = 0;
+            }
         }
         if let Ok(mut s) = self.spool.lock() {
+            self.stats
+                .log_spool_corrupt_frames
+                .store(s.corrupt_frames, Ordering::Relaxed);
             if let Err(e) = s.consume() {
                 tracing::error!(error = %e, "log spool: cannot remove a replayed segment");
             }
@@ -319,10 +370,10 @@ impl Writer {
         }
     }
 
-    /// Batches in one transaction; false (and the connection dropped) on failure.
-    async fn write(&mut self, batches: &[Batch], replay: bool) -> bool {
+    /// Batches in one transaction; on failure the connection is dropped.
+    async fn write(&mut self, batches: &[Batch], replay: bool) -> Outcome {
         let Some(conn) = self.conn.as_mut() else {
-            return false;
+            return Outcome::Failed;
         };
         let started = std::time::Instant::now();
         let r = tokio::time::timeout(
@@ -353,16 +404,22 @@ impl Writer {
                         .log_rows_replayed
                         .fetch_add(w.rows, Ordering::Relaxed);
                 }
-                true
+                Outcome::Written
             }
             Err(e) => {
                 ControlStats::inc(&self.stats.log_batches_failed);
                 ControlStats::inc(&self.stats.db_errors);
                 let rows: u64 = batches.iter().map(|b| u64::from(b.rows)).sum();
-                tracing::warn!(error = %e, rows, "log batch write failed; spooling");
+                let refused =
+                    matches!(&e, PgError::Query { source, .. } if source.code().is_some());
+                tracing::warn!(error = %e, rows, refused, "log batch write failed; spooling");
                 self.conn = None;
                 self.retry_at = Instant::now() + self.backoff.next_delay();
-                false
+                if refused {
+                    Outcome::Refused
+                } else {
+                    Outcome::Failed
+                }
             }
         }
     }

@@ -25,8 +25,18 @@ pub fn latest() -> i32 {
 
 /// Applies pending migrations; returns the versions applied (empty: already up to date).
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, PgError> {
-    client
-        .batch_execute(
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(PgError::query("begin"))?;
+        // Everything, the bookkeeping table included, under the lock: nodes starting
+        // together on an empty database take turns.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+            .await
+            .map_err(PgError::query("advisory lock"))?;
+        tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS ringway_schema_migrations (
                 version integer PRIMARY KEY,
                 name text NOT NULL,
@@ -34,15 +44,17 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, PgError> {
         )
         .await
         .map_err(PgError::query("creating ringway_schema_migrations"))?;
-    let mut applied = Vec::new();
-    for &(version, name, sql) in MIGRATIONS {
-        let tx = client
-            .transaction()
+        let newest: Option<i32> = tx
+            .query_one("SELECT max(version) FROM ringway_schema_migrations", &[])
             .await
-            .map_err(PgError::query("begin"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
-            .await
-            .map_err(PgError::query("advisory lock"))?;
+            .map_err(PgError::query("reading ringway_schema_migrations"))?
+            .get(0);
+        if let Some(found) = newest.filter(|v| *v > latest()) {
+            return Err(PgError::SchemaTooNew {
+                found,
+                known: latest(),
+            });
+        }
         let done = tx
             .query_opt(
                 "SELECT 1 FROM ringway_schema_migrations WHERE version = $1",

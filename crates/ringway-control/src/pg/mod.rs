@@ -88,6 +88,12 @@ pub async fn connect(url: &str, timeout: Duration, listen: bool) -> Result<Conn,
     let mut config = tokio_postgres::Config::from_str(url).map_err(PgError::Config)?;
     config.connect_timeout(timeout);
     config.application_name("ringway");
+    // A silent network partition would otherwise leave a LISTEN connection waiting for
+    // hours: probe after 10 s idle, every 5 s, give up after 3 misses.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
     let (client, mut connection) =
         tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
             .await

@@ -180,7 +180,16 @@ impl Spool {
         let (Some(f), Some(seg)) = (self.tail.as_mut(), self.segments.back_mut()) else {
             unreachable!("a tail segment was just ensured");
         };
-        f.write_all(&frame).map_err(io_err(&seg.path))?;
+        if let Err(e) = f.write_all(&frame) {
+            // Leave no partial frame behind (it would end the segment on replay): cut the
+            // file back, and start a new segment for the next append.
+            let _ = f.set_len(seg.len);
+            self.tail = None;
+            return Err(SpoolError::Io {
+                path: seg.path.display().to_string(),
+                source: e,
+            });
+        }
         seg.len += frame_len;
         let since = *self
             .unsynced_since

@@ -34,6 +34,10 @@ use tokio_postgres::types::ToSql;
 
 /// Notifications gathered into one change set at most.
 pub const CHANGES_PER_BATCH_MAX: usize = 1024;
+/// Longest a full load may take (a million domains load in about a second), and an
+/// incremental read: past it the connection is dropped and the store reconnects.
+const FULL_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+const CHANGE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Changes are written to the snapshot file at most this often.
 const SNAPSHOT_DEBOUNCE: Duration = Duration::from_secs(1);
 
@@ -295,6 +299,16 @@ impl PgStore {
         .await
         .map_err(|_| PgError::Timeout(self.cfg.connect_timeout))?
         .map_err(PgError::query("LISTEN"))?;
+        match super::migrate::current(&c.client).await {
+            Ok(0) => tracing::error!(
+                "the database has no Ringway schema: run `ringway migrate` (or set postgres.migrate_on_start)"
+            ),
+            Ok(_) => {}
+            Err(e @ PgError::SchemaTooNew { .. }) => {
+                tracing::warn!(error = %e, "continuing: later migrations are meant to be additive")
+            }
+            Err(e) => return Err(e),
+        }
         Ok(c)
     }
 
@@ -435,7 +449,15 @@ impl PgStore {
                         ch.route_upserts.push((pattern, r));
                     }
                     Err(why) => {
-                        tracing::error!("domain {:?} skipped: {why}", row.get::<_, String>(0))
+                        // As in a full load: a domain that cannot be routed is not served.
+                        let hostname: String = row.get(0);
+                        tracing::error!("domain {hostname:?} not served: {why}");
+                        if let Ok(pattern) = normalize_pattern(&hostname) {
+                            present.insert(pattern.clone());
+                            if self.model.routes.remove(&pattern).is_some() {
+                                ch.route_removes.push(pattern);
+                            }
+                        }
                     }
                 }
             }
@@ -577,7 +599,11 @@ impl PgStore {
 
     /// One full load with its bookkeeping, or None (the connection is dropped on error).
     async fn load_all(&mut self) -> Option<StoreEvent> {
-        match self.full_load().await {
+        let r = match tokio::time::timeout(FULL_LOAD_TIMEOUT, self.full_load()).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError::Timeout(FULL_LOAD_TIMEOUT)),
+        };
+        match r {
             Ok(snap) => {
                 self.next_resync = Instant::now() + self.cfg.resync_interval;
                 self.write_snapshot();
@@ -676,7 +702,12 @@ impl RouteStore for PgStore {
             if pending.is_empty() {
                 continue;
             }
-            match self.incremental(pending).await {
+            let r = match tokio::time::timeout(CHANGE_READ_TIMEOUT, self.incremental(pending)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err(PgError::Timeout(CHANGE_READ_TIMEOUT)),
+            };
+            match r {
                 Ok(ch) => {
                     if self.snapshot_due.is_none() {
                         self.snapshot_due = Some(Instant::now() + SNAPSHOT_DEBOUNCE);
