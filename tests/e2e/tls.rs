@@ -442,7 +442,7 @@ fn plain_http_redirects_and_https_gets_hsts() {
     );
     let mut f = files(&[("a", &a)]);
     f.push(("acme/tok-123_ABC".into(), "tok-123_ABC.thumbprint\n".into()));
-    let p = start(&f, &routes, |_| {});
+    let mut p = start(&f, &routes, |_| {});
     let https = p.https.unwrap();
     let mut c = Conn::connect(p.addr);
     let r = c.get("a.test", "/path?q=1");
@@ -493,6 +493,16 @@ fn plain_http_redirects_and_https_gets_hsts() {
     assert!(eventually(SECS, || p
         .metric_sum("ringway_acme_answers_total")
         >= 2.0));
+    // The log has the route of a redirect, but no upstream: none was contacted.
+    let log = p.stop();
+    let redirect = log
+        .iter()
+        .find(|l| l["path"] == "/path")
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(redirect["project_id"], 0, "{redirect}");
+    assert!(redirect["upstream"].is_null(), "{redirect}");
+    let served = log.iter().find(|l| l["path"] == "/secure").unwrap();
+    assert_eq!(served["upstream"], origin.addr.to_string());
 }
 
 /// Reads until the server closes; returns how long after `t` that was (or panics after

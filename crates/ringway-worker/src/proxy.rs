@@ -84,6 +84,9 @@ pub struct Exchange {
     json: bool,
     head_request: bool,
     target: Option<Target>,
+    /// An upstream was contacted (the log names it only then: a redirect or a refused body
+    /// has a route but no upstream).
+    contacted: bool,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -125,6 +128,7 @@ impl Exchange {
             json: false,
             head_request: false,
             target: None,
+            contacted: false,
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -152,7 +156,7 @@ impl Exchange {
             status: self.status,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
-            upstream: self.target.map(|t| t.upstream),
+            upstream: self.target.filter(|_| self.contacted).map(|t| t.upstream),
             client_ip: self.client_ip,
             user_agent: slice(head, self.user_agent),
             route: self.target.map(|t| t.ids),
@@ -279,6 +283,7 @@ pub async fn exchange<S: ClientIo>(
     let mut fresh_only = false;
     let mut body_sent = !has_body;
     let outcome = loop {
+        ex.contacted = true;
         let (mut up, reused) = match upstream_conn(w, target.upstream, fresh_only).await {
             Ok(x) => x,
             Err(e) => break Err(e),
