@@ -18,8 +18,10 @@ fi
 # one answers, else a throwaway cluster (initdb + pg_ctl) on a free port, removed on exit.
 # Tests read RINGWAY_TEST_PG and create and drop their own databases.
 if [[ -z "${RINGWAY_TEST_PG:-}" ]]; then
-    if (command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432) \
-        || (command -v psql >/dev/null && psql -h 127.0.0.1 -p 5432 -U postgres -qAtc 'select 1' >/dev/null 2>&1); then
+    # A server that answers is not enough: it must let user postgres in without a password
+    # (a freshly installed Debian cluster asks for one over TCP).
+    if command -v psql >/dev/null \
+        && PGCONNECT_TIMEOUT=3 psql -w -h 127.0.0.1 -p 5432 -U postgres -d postgres -qAtc 'select 1' >/dev/null 2>&1; then
         export RINGWAY_TEST_PG="host=127.0.0.1 port=5432 user=postgres"
     else
         source tests/pg-throwaway.sh
