@@ -25,6 +25,14 @@ impl Cidr {
         (prefix_len <= max).then_some(Self { addr, prefix_len })
     }
 
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.addr, ip) {

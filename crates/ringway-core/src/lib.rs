@@ -9,6 +9,7 @@
 pub mod cidr;
 pub mod config;
 pub mod logring;
+pub mod policy;
 pub mod record;
 pub mod route;
 pub mod shutdown;

@@ -1,0 +1,533 @@
+//! Edge policy: what a project (or one of its domains) lets through before a request costs
+//! its upstream anything. Built by the control plane from a store, published in a lock-free
+//! table, evaluated by the workers per request with no lock and no allocation.
+//!
+//! Order of the checks (see docs/policy.md): IP rules, then block rules (user agent, path),
+//! then rate limits, then the challenge; visitor and session cookies are set on what passes.
+
+use crate::cidr::{Cidr, canonical};
+use foldhash::fast::RandomState;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Most IP rules one policy may hold.
+pub const IP_RULES_MAX: usize = 1_000_000;
+/// Most block patterns (user agent and path together) one policy may hold.
+pub const BLOCK_RULES_MAX: usize = 10_000;
+/// Most rate limit rules one policy may hold.
+pub const RATE_RULES_MAX: usize = 64;
+
+/// A set of addresses as sorted, disjoint, inclusive ranges: membership is a binary search,
+/// whatever the number of rules (a CIDR list is merged at build time).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpSet {
+    v4: Box<[(u32, u32)]>,
+    v6: Box<[(u128, u128)]>,
+}
+
+fn merge<T: Ord + Copy>(mut r: Vec<(T, T)>, next: impl Fn(T) -> Option<T>) -> Box<[(T, T)]> {
+    r.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(r.len());
+    for (lo, hi) in r {
+        if let Some(last) = out.last_mut() {
+            // Overlapping or adjacent: extend.
+            if lo <= last.1 || next(last.1) == Some(lo) {
+                if hi > last.1 {
+                    last.1 = hi;
+                }
+                continue;
+            }
+        }
+        out.push((lo, hi));
+    }
+    out.into_boxed_slice()
+}
+
+fn find<T: Ord + Copy>(ranges: &[(T, T)], x: T) -> bool {
+    // The last range starting at or before x.
+    let i = ranges.partition_point(|(lo, _)| *lo <= x);
+    i > 0 && x <= ranges[i - 1].1
+}
+
+impl IpSet {
+    pub fn from_cidrs(cidrs: &[Cidr]) -> IpSet {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for c in cidrs {
+            match c.addr() {
+                IpAddr::V4(a) => {
+                    let bits = 32 - u32::from(c.prefix_len());
+                    let mask = u32::MAX.checked_shl(bits).unwrap_or(0);
+                    let lo = u32::from(a) & mask;
+                    v4.push((lo, lo | !mask));
+                }
+                IpAddr::V6(a) => {
+                    let bits = 128 - u32::from(c.prefix_len());
+                    let mask = u128::MAX.checked_shl(bits).unwrap_or(0);
+                    let lo = u128::from(a) & mask;
+                    v6.push((lo, lo | !mask));
+                }
+            }
+        }
+        IpSet {
+            v4: merge(v4, |x: u32| x.checked_add(1)),
+            v6: merge(v6, |x: u128| x.checked_add(1)),
+        }
+    }
+
+    /// Whether `ip` is in the set (IPv4-mapped IPv6 addresses count as IPv4).
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match canonical(ip) {
+            IpAddr::V4(a) => find(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => find(&self.v6, u128::from(a)),
+        }
+    }
+
+    /// Disjoint ranges after merging.
+    pub fn ranges(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges() == 0
+    }
+}
+
+/// How the IP rules apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpMode {
+    /// Everything passes except `deny`.
+    #[default]
+    DenyList,
+    /// Only `allow` passes (`deny` still wins inside it).
+    AllowList,
+}
+
+/// Which part of the client address a challenge cookie is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CookieBinding {
+    /// The exact address.
+    Address,
+    /// The IPv4 /24 or IPv6 /64 (clients behind NAT pools or privacy addresses).
+    #[default]
+    Network,
+}
+
+/// When a challenge is required.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChallengeWhen {
+    Always,
+    /// When any of these match (lower-case user agent substrings, path prefixes, or the
+    /// client's request rate above `rate_above_rps` over one second).
+    OnMatch {
+        user_agents: Box<[Box<[u8]>]>,
+        path_prefixes: Box<[Box<[u8]>]>,
+        rate_above_rps: Option<u32>,
+    },
+}
+
+/// A proof-of-work challenge and the cookie that proves it was solved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub when: ChallengeWhen,
+    /// Paths that never see it (APIs, webhooks): prefixes.
+    pub exempt_paths: Box<[Box<[u8]>]>,
+    /// Leading zero bits the SHA-256 of the solution must have.
+    pub difficulty_bits: u8,
+    /// Lifetime of the pass cookie.
+    pub pass_ttl_s: u32,
+    pub binding: CookieBinding,
+}
+
+/// How a rate limit counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateRule {
+    /// Distinguishes the rule's buckets from other rules'.
+    pub id: u32,
+    /// Sustained requests per second per key.
+    pub rps: u32,
+    /// Requests allowed at once above the sustained rate.
+    pub burst: u32,
+    /// Only requests under this path prefix count (and are limited); None: all.
+    pub path_prefix: Option<Box<[u8]>>,
+    /// Key by client IP and this rule's path prefix (else by client IP alone).
+    pub per_path: bool,
+}
+
+/// Everything one project (or domain) enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// For logs and metrics.
+    pub name: Box<str>,
+    pub ip_mode: IpMode,
+    pub allow: IpSet,
+    pub deny: IpSet,
+    /// Lower-case substrings of User-Agent that are refused.
+    pub block_user_agents: Box<[Box<[u8]>]>,
+    /// Path prefixes that are refused.
+    pub block_paths: Box<[Box<[u8]>]>,
+    pub rate_limits: Box<[RateRule]>,
+    pub challenge: Option<Challenge>,
+    /// Set visitor and session cookies (off: cookie consent not given for this project).
+    pub visitor_cookies: bool,
+}
+
+/// Case-insensitive substring search; `needle` is lower case.
+pub fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    if needle.len() > hay.len() {
+        return false;
+    }
+    hay.windows(needle.len()).any(|w| w.iter().zip(needle).all(|(a, b)| a.to_ascii_lowercase() == *b))
+}
+
+impl Policy {
+    /// Whether the IP rules let `ip` through.
+    #[inline]
+    pub fn ip_allowed(&self, ip: IpAddr) -> bool {
+        if self.deny.contains(ip) {
+            return false;
+        }
+        match self.ip_mode {
+            IpMode::DenyList => true,
+            IpMode::AllowList => self.allow.contains(ip),
+        }
+    }
+
+    /// The block rule a request hits, if any: `"user_agent"` or `"path"`.
+    pub fn blocked(&self, user_agent: &[u8], path: &[u8]) -> Option<&'static str> {
+        if self.block_user_agents.iter().any(|p| contains_ci(user_agent, p)) {
+            return Some("blocked_user_agent");
+        }
+        if self.block_paths.iter().any(|p| path.starts_with(p)) {
+            return Some("blocked_path");
+        }
+        None
+    }
+
+    /// Whether nothing is enforced (the worker skips the phase).
+    pub fn is_noop(&self) -> bool {
+        self.ip_mode == IpMode::DenyList
+            && self.deny.is_empty()
+            && self.block_user_agents.is_empty()
+            && self.block_paths.is_empty()
+            && self.rate_limits.is_empty()
+            && self.challenge.is_none()
+            && !self.visitor_cookies
+    }
+}
+
+type Map<K> = papaya::HashMap<K, Arc<Policy>, RandomState>;
+
+/// Policies the workers read: by exact host (a domain's own policy), then by project.
+#[derive(Debug)]
+pub struct PolicyTable {
+    by_host: Map<Box<str>>,
+    by_project: Map<i64>,
+    version: AtomicU64,
+}
+
+impl Default for PolicyTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A complete set of policies from a store.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    pub by_host: std::collections::HashMap<String, Arc<Policy>>,
+    pub by_project: std::collections::HashMap<i64, Arc<Policy>>,
+}
+
+impl PolicyTable {
+    pub fn new() -> Self {
+        Self {
+            by_host: Map::with_hasher(RandomState::default()),
+            by_project: Map::with_hasher(RandomState::default()),
+            version: AtomicU64::new(0),
+        }
+    }
+
+    /// The policy for a request to `host` routed to `project`: the host's own, else the
+    /// project's. Calls `f` under the epoch pin (no clone of the Arc on the hot path).
+    #[inline]
+    pub fn with_policy<R>(&self, host: &str, project: i64, f: impl FnOnce(&Policy) -> R) -> Option<R> {
+        if !self.by_host.is_empty()
+            && let Some(p) = self.by_host.pin().get(host)
+        {
+            return Some(f(p));
+        }
+        if self.by_project.is_empty() {
+            return None;
+        }
+        self.by_project.pin().get(&project).map(|p| f(p))
+    }
+
+    /// Makes the table hold exactly `set`.
+    pub fn apply(&self, set: &PolicySet) {
+        let h = self.by_host.pin();
+        for (k, v) in &set.by_host {
+            if h.get(k.as_str()).is_none_or(|old| !Arc::ptr_eq(old, v)) {
+                h.insert(k.as_str().into(), v.clone());
+            }
+        }
+        let stale: Vec<Box<str>> = h.keys().filter(|k| !set.by_host.contains_key(k.as_ref())).cloned().collect();
+        for k in stale {
+            h.remove(&k);
+        }
+        let p = self.by_project.pin();
+        for (k, v) in &set.by_project {
+            if p.get(k).is_none_or(|old| !Arc::ptr_eq(old, v)) {
+                p.insert(*k, v.clone());
+            }
+        }
+        let stale: Vec<i64> = p.keys().filter(|k| !set.by_project.contains_key(k)).copied().collect();
+        for k in stale {
+            p.remove(&k);
+        }
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn upsert_project(&self, project: i64, p: Option<Arc<Policy>>) {
+        match p {
+            Some(p) => self.by_project.pin().insert(project, p),
+            None => self.by_project.pin().remove(&project),
+        };
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn upsert_host(&self, host: &str, p: Option<Arc<Policy>>) {
+        match p {
+            Some(p) => self.by_host.pin().insert(host.into(), p),
+            None => self.by_host.pin().remove(host),
+        };
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_host.len() + self.by_project.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+}
+
+/// Rate limits shared by every worker: one GCRA state (a single `AtomicU64`, the theoretical
+/// arrival time in microseconds) per key, updated with compare-and-swap. No lock: two workers
+/// limiting the same client contend only on that client's word, so the limit holds exactly
+/// across cores.
+#[derive(Debug)]
+pub struct RateLimiter {
+    buckets: papaya::HashMap<u64, AtomicU64, RandomState>,
+    keys_max: usize,
+    epoch: std::time::Instant,
+    /// Requests let through because the key table was full (fail open, counted).
+    pub overflows: AtomicU64,
+}
+
+/// Outcome of a rate check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allow,
+    /// Over the limit: retry after this many microseconds.
+    Limit { retry_after_us: u64 },
+}
+
+impl RateLimiter {
+    pub fn new(keys_max: usize) -> Self {
+        Self {
+            buckets: papaya::HashMap::with_hasher(RandomState::default()),
+            keys_max,
+            epoch: std::time::Instant::now(),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    /// Microseconds since the limiter started.
+    #[inline]
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// One request for `key` under `rps` with `burst`, at `now_us`.
+    pub fn check(&self, key: u64, rps: u32, burst: u32, now_us: u64) -> RateDecision {
+        if rps == 0 {
+            return RateDecision::Limit { retry_after_us: 1_000_000 };
+        }
+        let interval = 1_000_000 / u64::from(rps).max(1);
+        // Tolerance: `burst` requests beyond the sustained rate.
+        let tolerance = interval * u64::from(burst);
+        let m = self.buckets.pin();
+        let cell = match m.get(&key) {
+            Some(c) => c,
+            None => {
+                if m.len() >= self.keys_max {
+                    self.overflows.fetch_add(1, Ordering::Relaxed);
+                    return RateDecision::Allow;
+                }
+                m.get_or_insert_with(key, || AtomicU64::new(0))
+            }
+        };
+        let mut tat = cell.load(Ordering::Relaxed);
+        loop {
+            let start = tat.max(now_us);
+            if start - now_us > tolerance {
+                return RateDecision::Limit {
+                    retry_after_us: start - now_us - tolerance,
+                };
+            }
+            match cell.compare_exchange_weak(tat, start + interval, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return RateDecision::Allow,
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Forgets keys idle long enough that their state no longer matters (the control plane
+    /// calls this now and then); returns how many remain.
+    pub fn sweep(&self, idle_us: u64) -> usize {
+        let now = self.now_us();
+        let m = self.buckets.pin();
+        m.retain(|_, v| v.load(Ordering::Relaxed) + idle_us > now);
+        m.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The rate-limit key of a client under a rule (and path prefix).
+#[inline]
+pub fn rate_key(rule: u32, project: i64, ip: IpAddr, path_prefix: Option<&[u8]>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A fixed seed: every worker must compute the same key.
+    let mut h = foldhash::fast::FixedState::with_seed(0x7269_6e67).build_hasher();
+    h.write_u32(rule);
+    h.write_i64(project);
+    match canonical(ip) {
+        IpAddr::V4(a) => h.write_u32(u32::from(a)),
+        IpAddr::V6(a) => h.write_u128(u128::from(a)),
+    }
+    if let Some(p) = path_prefix {
+        h.write(p);
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(c: &[&str]) -> IpSet {
+        IpSet::from_cidrs(&c.iter().map(|s| s.parse().unwrap()).collect::<Vec<Cidr>>())
+    }
+
+    #[test]
+    fn ip_sets_merge_and_match_v4_v6_and_mapped() {
+        let s = set(&["10.0.0.0/8", "10.1.0.0/16", "192.168.1.7", "192.168.1.8/31", "2001:db8::/32", "::1"]);
+        // 10/8 swallows 10.1/16; .7 and .8/31 are adjacent: one range.
+        assert_eq!(s.ranges(), 4);
+        for yes in ["10.0.0.0", "10.255.255.255", "192.168.1.7", "192.168.1.9", "2001:db8:ffff::1", "::1", "::ffff:10.2.3.4"] {
+            assert!(s.contains(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["9.255.255.255", "11.0.0.0", "192.168.1.6", "192.168.1.10", "2001:db9::", "::2", "0.0.0.0"] {
+            assert!(!s.contains(no.parse().unwrap()), "{no}");
+        }
+        assert!(set(&["0.0.0.0/0"]).contains("255.255.255.255".parse().unwrap()));
+        assert!(set(&["::/0"]).contains("ffff::".parse().unwrap()));
+        assert!(!set(&[]).contains("1.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn allow_list_and_deny_list() {
+        let mut p = Policy {
+            deny: set(&["10.0.0.5"]),
+            ..Policy::default()
+        };
+        assert!(p.ip_allowed("1.2.3.4".parse().unwrap()));
+        assert!(!p.ip_allowed("10.0.0.5".parse().unwrap()));
+        p.ip_mode = IpMode::AllowList;
+        p.allow = set(&["10.0.0.0/24"]);
+        assert!(!p.ip_allowed("1.2.3.4".parse().unwrap()));
+        assert!(p.ip_allowed("10.0.0.6".parse().unwrap()));
+        assert!(!p.ip_allowed("10.0.0.5".parse().unwrap()), "deny wins inside the allow list");
+    }
+
+    #[test]
+    fn block_rules_are_case_insensitive_substrings_and_prefixes() {
+        let p = Policy {
+            block_user_agents: vec![b"badbot".to_vec().into_boxed_slice()].into(),
+            block_paths: vec![b"/wp-admin".to_vec().into_boxed_slice()].into(),
+            ..Policy::default()
+        };
+        assert_eq!(p.blocked(b"Mozilla BadBot/2.0", b"/"), Some("blocked_user_agent"));
+        assert_eq!(p.blocked(b"Mozilla", b"/wp-admin/x.php"), Some("blocked_path"));
+        assert_eq!(p.blocked(b"Mozilla", b"/blog"), None);
+    }
+
+    #[test]
+    fn gcra_allows_burst_then_the_rate() {
+        let l = RateLimiter::new(100);
+        let k = rate_key(1, 7, "1.2.3.4".parse().unwrap(), None);
+        let mut t = 1_000_000u64;
+        // 10 rps, burst 5: 6 at once (one for the rate, five for the burst), then refused.
+        let allowed = (0..20).filter(|_| l.check(k, 10, 5, t) == RateDecision::Allow).count();
+        assert_eq!(allowed, 6);
+        match l.check(k, 10, 5, t) {
+            RateDecision::Limit { retry_after_us } => assert!(retry_after_us > 0 && retry_after_us <= 100_000),
+            RateDecision::Allow => panic!("over the limit"),
+        }
+        // Over ten seconds at 50 attempts/s, about 10/s pass.
+        let mut passed = 0;
+        for _ in 0..500 {
+            t += 20_000;
+            passed += usize::from(l.check(k, 10, 5, t) == RateDecision::Allow);
+        }
+        assert!((99..=106).contains(&passed), "{passed}");
+        // Another client is not affected.
+        let k2 = rate_key(1, 7, "1.2.3.5".parse().unwrap(), None);
+        assert_eq!(l.check(k2, 10, 5, t), RateDecision::Allow);
+        assert_ne!(k, rate_key(2, 7, "1.2.3.4".parse().unwrap(), None));
+    }
+
+    #[test]
+    fn gcra_holds_across_threads() {
+        let l = Arc::new(RateLimiter::new(100));
+        let k = rate_key(1, 1, "1.2.3.4".parse().unwrap(), None);
+        let t = 5_000_000;
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| l.check(k, 100, 10, t) == RateDecision::Allow).count())
+            })
+            .collect();
+        let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(total, 11, "the same instant: exactly 1 + burst pass, whichever thread");
+    }
+
+    #[test]
+    fn full_key_table_fails_open_and_sweep_forgets_idle_keys() {
+        let l = RateLimiter::new(2);
+        for i in 0..2u64 {
+            l.check(i, 1000, 0, l.now_us());
+        }
+        assert_eq!(l.check(99, 1000, 0, l.now_us()), RateDecision::Allow);
+        assert_eq!(l.overflows.load(Ordering::Relaxed), 1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(l.sweep(0), 0);
+    }
+}
