@@ -34,6 +34,8 @@ fn entry() -> LogEntry<'static> {
         }),
         worker: 0,
         reason: b"",
+        visitor_id: b"",
+        session_id: b"",
     }
 }
 

@@ -50,9 +50,9 @@ fn migrations_apply_on_an_empty_database_and_are_idempotent() {
     let db = TestDb::create();
     let mut c = Config::default();
     c.postgres.url = db.url();
-    assert_eq!(ringway::migrate(&c).unwrap(), vec![1]);
+    assert_eq!(ringway::migrate(&c).unwrap(), vec![1, 2]);
     assert_eq!(ringway::migrate(&c).unwrap(), Vec::<i32>::new());
-    assert_eq!(db.i64("SELECT count(*) FROM ringway_schema_migrations"), 1);
+    assert_eq!(db.i64("SELECT count(*) FROM ringway_schema_migrations"), 2);
     for t in [
         "projects",
         "environments",

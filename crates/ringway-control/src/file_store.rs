@@ -74,6 +74,8 @@ struct RoutesFile {
     tls: TlsSection,
     #[serde(default)]
     acme: AcmeSection,
+    #[serde(default, rename = "policy")]
+    policies: Vec<crate::policy_spec::PolicySpec>,
 }
 
 /// A certificate the file names.
@@ -106,6 +108,7 @@ struct AcmeSection {
 /// The parts of a routes file that need the file system to become a snapshot.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FileExtras {
+    pub policies: ringway_core::policy::PolicySet,
     pub certificates: Vec<CertSpec>,
     pub default_certificate: Option<String>,
     pub acme_dir: Option<PathBuf>,
@@ -179,6 +182,7 @@ pub fn parse_file(text: &str) -> Result<(RouteSet, FileExtras), String> {
         return Err(format!("default certificate {d:?} is not defined"));
     }
     let extras = FileExtras {
+        policies: crate::policy_spec::build_set(&file.policies)?,
         certificates: file.certificates.clone(),
         default_certificate: file.tls.default_certificate.clone(),
         acme_dir: file.acme.challenge_dir.clone(),
@@ -322,6 +326,7 @@ pub fn build_snapshot(
             routes,
             certs,
             acme,
+            policies: extras.policies.clone(),
         },
         warnings,
     ))

@@ -17,6 +17,7 @@ pub mod file_store;
 pub mod logsink;
 pub mod metrics;
 pub mod pg;
+pub mod policy_spec;
 pub mod store;
 
 use metrics::ControlStats;
@@ -59,6 +60,8 @@ pub struct ControlParams {
     pub routes: Arc<RouteTable>,
     pub certs: Arc<CertTable>,
     pub acme: Arc<AcmeTable>,
+    pub policies: Arc<ringway_core::policy::PolicyTable>,
+    pub limiter: Arc<ringway_core::policy::RateLimiter>,
     pub rings: Vec<LogConsumer>,
     pub worker_stats: Vec<Arc<WorkerStats>>,
     pub shutdown: Arc<Shutdown>,
@@ -247,6 +250,12 @@ fn apply_changes(tables: &Tables, ch: store::ChangeSet, stats: &ControlStats) {
     if let Some(acme) = &ch.acme {
         tables.acme.apply(acme);
     }
+    for (key, policy) in ch.policy_changes {
+        match key {
+            store::PolicyKey::Project(id) => tables.policies.upsert_project(id, policy),
+            store::PolicyKey::Host(h) => tables.policies.upsert_host(&h, policy),
+        }
+    }
     stats
         .cert_refusals
         .fetch_add(ch.refused_new.len() as u64, Ordering::Relaxed);
@@ -278,6 +287,8 @@ async fn run(
         routes: p.routes.clone(),
         certs: p.certs.clone(),
         acme: p.acme.clone(),
+        policies: p.policies.clone(),
+        limiter: p.limiter.clone(),
     };
     match p.store {
         StoreChoice::File {

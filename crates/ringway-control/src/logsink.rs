@@ -8,7 +8,8 @@
 //! A line: `{"time":"2026-11-25T19:16:25.914340Z","request_id":"…","host":"…","method":"GET",
 //! "path":"/","status":200,"duration_ms":4.645,"bytes_in":88,"bytes_out":350,
 //! "upstream":"127.0.0.1:3000","client_ip":"127.0.0.1","user_agent":"…","project_id":1,
-//! "environment_id":1,"deployment_id":1,"worker":1}` plus `"reason"` when the proxy answered
+//! "environment_id":1,"deployment_id":1,"worker":1}` plus `"visitor_id"` and `"session_id"`
+//! when the project sets visitor cookies, and `"reason"` when the proxy answered
 //! itself or the exchange failed. Absent values are `null`.
 
 use ringway_core::{LogConsumer, LogEntry};
@@ -106,6 +107,14 @@ pub fn write_json_line(e: &LogEntry<'_>, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(b",\"worker\":");
     push_u64(out, u64::from(e.worker));
+    if !e.visitor_id.is_empty() {
+        out.extend_from_slice(b",\"visitor_id\":");
+        push_str(out, e.visitor_id);
+    }
+    if !e.session_id.is_empty() {
+        out.extend_from_slice(b",\"session_id\":");
+        push_str(out, e.session_id);
+    }
     if !e.reason.is_empty() {
         out.extend_from_slice(b",\"reason\":");
         push_str(out, e.reason);
@@ -213,6 +222,8 @@ mod tests {
             route: None,
             worker: 3,
             reason: b"upstream_timeout",
+            visitor_id: b"",
+            session_id: b"",
         };
         let mut out = Vec::new();
         write_json_line(&e, &mut out);
@@ -245,6 +256,8 @@ mod tests {
                 route: None,
                 worker: 0,
                 reason: b"",
+                visitor_id: b"",
+                session_id: b"",
             });
         }
         let mut rings = vec![c];

@@ -679,6 +679,54 @@ fn render_tls(
     per_worker(
         out,
         snaps,
+        "ringway_policy_ip_denied_total",
+        "counter",
+        "Requests refused by IP rules (403).",
+        |s| s.ip_denied,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_policy_blocked_total",
+        "counter",
+        "Requests refused by user-agent or path block rules (403).",
+        |s| s.blocked,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_policy_rate_limited_total",
+        "counter",
+        "Requests refused by a rate limit (429).",
+        |s| s.rate_limited,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_policy_challenges_issued_total",
+        "counter",
+        "Challenge pages served.",
+        |s| s.challenges_issued,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_policy_challenges_passed_total",
+        "counter",
+        "Challenge solutions accepted (pass cookie set).",
+        |s| s.challenges_passed,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_policy_challenges_failed_total",
+        "counter",
+        "Challenge solutions refused (forged, expired, unsolved).",
+        |s| s.challenges_failed,
+    );
+    per_worker(
+        out,
+        snaps,
         "ringway_misdirected_requests_total",
         "counter",
         "Requests answered 421: the Host is not covered by the connection's certificate.",

@@ -11,6 +11,13 @@ use ringway_core::tls::CertEntry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Where a policy is published.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PolicyKey {
+    Project(i64),
+    Host(String),
+}
+
 /// Incremental changes from a store that follows its source row by row (PostgreSQL).
 #[derive(Debug, Clone, Default)]
 pub struct ChangeSet {
@@ -19,6 +26,11 @@ pub struct ChangeSet {
     /// Certificates by the names they serve (`""`: the default certificate).
     pub cert_upserts: Vec<(Vec<String>, Arc<CertEntry>)>,
     pub cert_removes: Vec<String>,
+    /// Policies published (Some) or withdrawn (None), in order.
+    pub policy_changes: Vec<(
+        PolicyKey,
+        Option<std::sync::Arc<ringway_core::policy::Policy>>,
+    )>,
     /// The complete ACME token set, when it changed.
     pub acme: Option<HashMap<String, Box<str>>>,
     /// Reasons of certificate rows refused by this change set.

@@ -47,6 +47,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub tls: TlsConfig,
     pub postgres: PostgresConfig,
+    pub policy: PolicyConfig,
 }
 
 /// Which monoio driver the workers run on.
@@ -478,6 +479,35 @@ impl Default for PostgresLogsConfig {
     }
 }
 
+/// Settings of the edge policies (the policies themselves come from the route store).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Secrets (at least 32 characters each) for challenge pass cookies, HMAC-SHA256: the
+    /// first signs, every one verifies (rotation: put the new key first, drop the old one a
+    /// pass lifetime later). Empty: a random key per process (passes do not survive a restart
+    /// and are not shared between nodes).
+    pub challenge_keys: Vec<String>,
+    /// Rate-limit keys (client, rule) remembered at most; past it new keys are not limited
+    /// (counted).
+    pub rate_limit_keys_max: usize,
+    /// A session cookie expires after this long without a request.
+    pub session_idle_s: u64,
+    /// Lifetime of the visitor cookie.
+    pub visitor_ttl_s: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            challenge_keys: Vec::new(),
+            rate_limit_keys_max: crate::policy::RATE_KEYS_MAX,
+            session_idle_s: 1800,
+            visitor_ttl_s: 365 * 86_400,
+        }
+    }
+}
+
 /// A configuration that parses but cannot be run.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -496,6 +526,8 @@ pub enum ConfigError {
         "postgres.url is empty but routes.store = \"postgres\" or postgres.logs.enabled needs it"
     )]
     NoDatabaseUrl,
+    #[error("policy.challenge_keys: every key needs at least 32 characters")]
+    ShortChallengeKey,
 }
 
 fn range<T: PartialOrd + ToString>(
@@ -736,6 +768,30 @@ impl Config {
             0,
             600_000,
             "0 to 10 minutes",
+        )?;
+        if self.policy.challenge_keys.iter().any(|k| k.len() < 32) {
+            return Err(ConfigError::ShortChallengeKey);
+        }
+        range(
+            "policy.rate_limit_keys_max",
+            self.policy.rate_limit_keys_max,
+            1000,
+            100_000_000,
+            "1,000 to 100,000,000",
+        )?;
+        range(
+            "policy.session_idle_s",
+            self.policy.session_idle_s,
+            60,
+            30 * 86_400,
+            "1 minute to 30 days",
+        )?;
+        range(
+            "policy.visitor_ttl_s",
+            self.policy.visitor_ttl_s,
+            3600,
+            2 * 365 * 86_400,
+            "1 hour to 2 years",
         )?;
         for h in &self.headers.security {
             let name_ok = ringway_proto::token::is_token(h.name.as_bytes());

@@ -181,7 +181,11 @@ pub fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
     if needle.len() > hay.len() {
         return false;
     }
-    hay.windows(needle.len()).any(|w| w.iter().zip(needle).all(|(a, b)| a.to_ascii_lowercase() == *b))
+    hay.windows(needle.len()).any(|w| {
+        w.iter()
+            .zip(needle)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b)
+    })
 }
 
 impl Policy {
@@ -199,7 +203,11 @@ impl Policy {
 
     /// The block rule a request hits, if any: `"user_agent"` or `"path"`.
     pub fn blocked(&self, user_agent: &[u8], path: &[u8]) -> Option<&'static str> {
-        if self.block_user_agents.iter().any(|p| contains_ci(user_agent, p)) {
+        if self
+            .block_user_agents
+            .iter()
+            .any(|p| contains_ci(user_agent, p))
+        {
             return Some("blocked_user_agent");
         }
         if self.block_paths.iter().any(|p| path.starts_with(p)) {
@@ -237,7 +245,7 @@ impl Default for PolicyTable {
 }
 
 /// A complete set of policies from a store.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicySet {
     pub by_host: std::collections::HashMap<String, Arc<Policy>>,
     pub by_project: std::collections::HashMap<i64, Arc<Policy>>,
@@ -255,7 +263,12 @@ impl PolicyTable {
     /// The policy for a request to `host` routed to `project`: the host's own, else the
     /// project's. Calls `f` under the epoch pin (no clone of the Arc on the hot path).
     #[inline]
-    pub fn with_policy<R>(&self, host: &str, project: i64, f: impl FnOnce(&Policy) -> R) -> Option<R> {
+    pub fn with_policy<R>(
+        &self,
+        host: &str,
+        project: i64,
+        f: impl FnOnce(&Policy) -> R,
+    ) -> Option<R> {
         if !self.by_host.is_empty()
             && let Some(p) = self.by_host.pin().get(host)
         {
@@ -275,7 +288,11 @@ impl PolicyTable {
                 h.insert(k.as_str().into(), v.clone());
             }
         }
-        let stale: Vec<Box<str>> = h.keys().filter(|k| !set.by_host.contains_key(k.as_ref())).cloned().collect();
+        let stale: Vec<Box<str>> = h
+            .keys()
+            .filter(|k| !set.by_host.contains_key(k.as_ref()))
+            .cloned()
+            .collect();
         for k in stale {
             h.remove(&k);
         }
@@ -285,7 +302,11 @@ impl PolicyTable {
                 p.insert(*k, v.clone());
             }
         }
-        let stale: Vec<i64> = p.keys().filter(|k| !set.by_project.contains_key(k)).copied().collect();
+        let stale: Vec<i64> = p
+            .keys()
+            .filter(|k| !set.by_project.contains_key(k))
+            .copied()
+            .collect();
         for k in stale {
             p.remove(&k);
         }
@@ -339,7 +360,18 @@ pub struct RateLimiter {
 pub enum RateDecision {
     Allow,
     /// Over the limit: retry after this many microseconds.
-    Limit { retry_after_us: u64 },
+    Limit {
+        retry_after_us: u64,
+    },
+}
+
+/// Rate-limit keys kept at most by default (about 100 bytes each).
+pub const RATE_KEYS_MAX: usize = 1_000_000;
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::new(RATE_KEYS_MAX)
+    }
 }
 
 impl RateLimiter {
@@ -361,7 +393,9 @@ impl RateLimiter {
     /// One request for `key` under `rps` with `burst`, at `now_us`.
     pub fn check(&self, key: u64, rps: u32, burst: u32, now_us: u64) -> RateDecision {
         if rps == 0 {
-            return RateDecision::Limit { retry_after_us: 1_000_000 };
+            return RateDecision::Limit {
+                retry_after_us: 1_000_000,
+            };
         }
         let interval = 1_000_000 / u64::from(rps).max(1);
         // Tolerance: `burst` requests beyond the sustained rate.
@@ -385,7 +419,12 @@ impl RateLimiter {
                     retry_after_us: start - now_us - tolerance,
                 };
             }
-            match cell.compare_exchange_weak(tat, start + interval, Ordering::AcqRel, Ordering::Relaxed) {
+            match cell.compare_exchange_weak(
+                tat,
+                start + interval,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return RateDecision::Allow,
                 Err(actual) => tat = actual,
             }
@@ -438,13 +477,36 @@ mod tests {
 
     #[test]
     fn ip_sets_merge_and_match_v4_v6_and_mapped() {
-        let s = set(&["10.0.0.0/8", "10.1.0.0/16", "192.168.1.7", "192.168.1.8/31", "2001:db8::/32", "::1"]);
+        let s = set(&[
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "192.168.1.7",
+            "192.168.1.8/31",
+            "2001:db8::/32",
+            "::1",
+        ]);
         // 10/8 swallows 10.1/16; .7 and .8/31 are adjacent: one range.
         assert_eq!(s.ranges(), 4);
-        for yes in ["10.0.0.0", "10.255.255.255", "192.168.1.7", "192.168.1.9", "2001:db8:ffff::1", "::1", "::ffff:10.2.3.4"] {
+        for yes in [
+            "10.0.0.0",
+            "10.255.255.255",
+            "192.168.1.7",
+            "192.168.1.9",
+            "2001:db8:ffff::1",
+            "::1",
+            "::ffff:10.2.3.4",
+        ] {
             assert!(s.contains(yes.parse().unwrap()), "{yes}");
         }
-        for no in ["9.255.255.255", "11.0.0.0", "192.168.1.6", "192.168.1.10", "2001:db9::", "::2", "0.0.0.0"] {
+        for no in [
+            "9.255.255.255",
+            "11.0.0.0",
+            "192.168.1.6",
+            "192.168.1.10",
+            "2001:db9::",
+            "::2",
+            "0.0.0.0",
+        ] {
             assert!(!s.contains(no.parse().unwrap()), "{no}");
         }
         assert!(set(&["0.0.0.0/0"]).contains("255.255.255.255".parse().unwrap()));
@@ -464,7 +526,10 @@ mod tests {
         p.allow = set(&["10.0.0.0/24"]);
         assert!(!p.ip_allowed("1.2.3.4".parse().unwrap()));
         assert!(p.ip_allowed("10.0.0.6".parse().unwrap()));
-        assert!(!p.ip_allowed("10.0.0.5".parse().unwrap()), "deny wins inside the allow list");
+        assert!(
+            !p.ip_allowed("10.0.0.5".parse().unwrap()),
+            "deny wins inside the allow list"
+        );
     }
 
     #[test]
@@ -474,8 +539,14 @@ mod tests {
             block_paths: vec![b"/wp-admin".to_vec().into_boxed_slice()].into(),
             ..Policy::default()
         };
-        assert_eq!(p.blocked(b"Mozilla BadBot/2.0", b"/"), Some("blocked_user_agent"));
-        assert_eq!(p.blocked(b"Mozilla", b"/wp-admin/x.php"), Some("blocked_path"));
+        assert_eq!(
+            p.blocked(b"Mozilla BadBot/2.0", b"/"),
+            Some("blocked_user_agent")
+        );
+        assert_eq!(
+            p.blocked(b"Mozilla", b"/wp-admin/x.php"),
+            Some("blocked_path")
+        );
         assert_eq!(p.blocked(b"Mozilla", b"/blog"), None);
     }
 
@@ -485,10 +556,14 @@ mod tests {
         let k = rate_key(1, 7, "1.2.3.4".parse().unwrap(), None);
         let mut t = 1_000_000u64;
         // 10 rps, burst 5: 6 at once (one for the rate, five for the burst), then refused.
-        let allowed = (0..20).filter(|_| l.check(k, 10, 5, t) == RateDecision::Allow).count();
+        let allowed = (0..20)
+            .filter(|_| l.check(k, 10, 5, t) == RateDecision::Allow)
+            .count();
         assert_eq!(allowed, 6);
         match l.check(k, 10, 5, t) {
-            RateDecision::Limit { retry_after_us } => assert!(retry_after_us > 0 && retry_after_us <= 100_000),
+            RateDecision::Limit { retry_after_us } => {
+                assert!(retry_after_us > 0 && retry_after_us <= 100_000)
+            }
             RateDecision::Allow => panic!("over the limit"),
         }
         // Over ten seconds at 50 attempts/s, about 10/s pass.
@@ -512,11 +587,18 @@ mod tests {
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let l = l.clone();
-                std::thread::spawn(move || (0..1000).filter(|_| l.check(k, 100, 10, t) == RateDecision::Allow).count())
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .filter(|_| l.check(k, 100, 10, t) == RateDecision::Allow)
+                        .count()
+                })
             })
             .collect();
         let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-        assert_eq!(total, 11, "the same instant: exactly 1 + burst pass, whichever thread");
+        assert_eq!(
+            total, 11,
+            "the same instant: exactly 1 + burst pass, whichever thread"
+        );
     }
 
     #[test]

@@ -14,10 +14,12 @@ pub const LOG_METHOD_BYTES_MAX: usize = 32;
 pub const LOG_PATH_BYTES_MAX: usize = 2048;
 pub const LOG_USER_AGENT_BYTES_MAX: usize = 512;
 pub const LOG_REASON_BYTES_MAX: usize = 64;
+pub const LOG_ID_BYTES_MAX: usize = 64;
 
 /// Upper bound of one encoded record.
 pub const RECORD_BYTES_MAX: usize = FIXED_BYTES
-    + 6 * 2
+    + 8 * 2
+    + 2 * LOG_ID_BYTES_MAX
     + LOG_REQUEST_ID_BYTES_MAX
     + LOG_HOST_BYTES_MAX
     + LOG_METHOD_BYTES_MAX
@@ -55,6 +57,9 @@ pub struct LogEntry<'a> {
     pub worker: u16,
     /// Why the proxy answered itself or the exchange failed (empty when the upstream answered).
     pub reason: &'a [u8],
+    /// Visitor and session ids (empty when the project sets no cookies).
+    pub visitor_id: &'a [u8],
+    pub session_id: &'a [u8],
 }
 
 /// A decoded record, owned, for the control plane.
@@ -75,6 +80,8 @@ pub struct LogRecord {
     pub route: Option<RouteIds>,
     pub worker: u16,
     pub reason: String,
+    pub visitor_id: String,
+    pub session_id: String,
 }
 
 const FLAG_ROUTE: u8 = 1;
@@ -156,6 +163,8 @@ impl LogEntry<'_> {
             (self.path, LOG_PATH_BYTES_MAX),
             (self.user_agent, LOG_USER_AGENT_BYTES_MAX),
             (self.reason, LOG_REASON_BYTES_MAX),
+            (self.visitor_id, LOG_ID_BYTES_MAX),
+            (self.session_id, LOG_ID_BYTES_MAX),
         ] {
             let s = cut(s, max);
             out.extend_from_slice(&(s.len() as u16).to_le_bytes());
@@ -237,6 +246,8 @@ impl<'a> LogEntry<'a> {
             path: r.bytes()?,
             user_agent: r.bytes()?,
             reason: r.bytes()?,
+            visitor_id: r.bytes()?,
+            session_id: r.bytes()?,
         })
     }
 
@@ -259,6 +270,8 @@ impl<'a> LogEntry<'a> {
             route: self.route,
             worker: self.worker,
             reason: s(self.reason),
+            visitor_id: s(self.visitor_id),
+            session_id: s(self.session_id),
         }
     }
 }
@@ -296,6 +309,8 @@ mod tests {
             }),
             worker: 1,
             reason: b"",
+            visitor_id: b"v1",
+            session_id: b"",
         };
         let mut out = Vec::new();
         e.encode(&mut out);
@@ -308,6 +323,7 @@ mod tests {
         assert_eq!(r.route, e.route);
         assert_eq!(r.status, 200);
         assert_eq!(r.duration_us, 1234);
+        assert_eq!(r.visitor_id, "v1");
         assert!(LogRecord::decode(&out[..out.len() - 1]).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! Everything a store publishes in one go.
 
+use crate::policy::{PolicySet, PolicyTable, RateLimiter};
 use crate::route::{RouteSet, RouteTable};
 use crate::tls::{AcmeTable, CertSet, CertTable};
 use std::collections::HashMap;
@@ -12,6 +13,8 @@ pub struct Snapshot {
     pub certs: CertSet,
     /// ACME HTTP-01 token to key authorization.
     pub acme: HashMap<String, Box<str>>,
+    /// Edge policies by project and by host.
+    pub policies: PolicySet,
 }
 
 /// The lock-free tables a store fills and the workers read.
@@ -20,6 +23,9 @@ pub struct Tables {
     pub routes: Arc<RouteTable>,
     pub certs: Arc<CertTable>,
     pub acme: Arc<AcmeTable>,
+    pub policies: Arc<PolicyTable>,
+    /// Rate-limit state shared by every worker (not filled by stores).
+    pub limiter: Arc<RateLimiter>,
 }
 
 impl Tables {
@@ -28,5 +34,6 @@ impl Tables {
         self.routes.apply(&snap.routes);
         self.certs.apply(&snap.certs);
         self.acme.apply(&snap.acme);
+        self.policies.apply(&snap.policies);
     }
 }

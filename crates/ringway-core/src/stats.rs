@@ -120,6 +120,12 @@ pub struct WorkerStats {
     pub acme_answers: Counter,
     /// Requests answered 421 (Host not covered by the connection's certificate).
     pub misdirected: Counter,
+    pub ip_denied: Counter,
+    pub blocked: Counter,
+    pub rate_limited: Counter,
+    pub challenges_issued: Counter,
+    pub challenges_passed: Counter,
+    pub challenges_failed: Counter,
 }
 
 impl Default for WorkerStats {
@@ -166,6 +172,12 @@ impl WorkerStats {
             https_redirects: Counter::default(),
             acme_answers: Counter::default(),
             misdirected: Counter::default(),
+            ip_denied: Counter::default(),
+            blocked: Counter::default(),
+            rate_limited: Counter::default(),
+            challenges_issued: Counter::default(),
+            challenges_passed: Counter::default(),
+            challenges_failed: Counter::default(),
         }
     }
 
@@ -243,6 +255,12 @@ impl WorkerStats {
             https_redirects: self.https_redirects.get(),
             acme_answers: self.acme_answers.get(),
             misdirected: self.misdirected.get(),
+            ip_denied: self.ip_denied.get(),
+            blocked: self.blocked.get(),
+            rate_limited: self.rate_limited.get(),
+            challenges_issued: self.challenges_issued.get(),
+            challenges_passed: self.challenges_passed.get(),
+            challenges_failed: self.challenges_failed.get(),
         }
     }
 }
@@ -287,6 +305,12 @@ pub struct StatsSnapshot {
     pub https_redirects: u64,
     pub acme_answers: u64,
     pub misdirected: u64,
+    pub ip_denied: u64,
+    pub blocked: u64,
+    pub rate_limited: u64,
+    pub challenges_issued: u64,
+    pub challenges_passed: u64,
+    pub challenges_failed: u64,
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub struct Forwarding<'a> {
     pub strip_expect: bool,
     /// Used as Host for an HTTP/1.0 request that had none.
     pub upstream: SocketAddr,
+    /// X-Visitor-ID and X-Session-ID to send (empty: none).
+    pub visitor_id: &'a [u8],
+    pub session_id: &'a [u8],
 }
 
 fn is_named(name: &[u8], lower: &[u8]) -> bool {
@@ -37,7 +40,12 @@ fn is_named(name: &[u8], lower: &[u8]) -> bool {
 /// Headers the proxy sets itself on upstream requests, so any incoming copy is dropped.
 fn is_forwarding(name: &[u8]) -> bool {
     match name.len() {
-        12 => is_named(name, b"x-request-id"),
+        // Visitor and session ids come from the proxy's cookies, never from the client.
+        12 => {
+            is_named(name, b"x-request-id")
+                || is_named(name, b"x-visitor-id")
+                || is_named(name, b"x-session-id")
+        }
         15 => is_named(name, b"x-forwarded-for"),
         16 => is_named(name, b"x-forwarded-host"),
         17 => is_named(name, b"x-forwarded-proto"),
@@ -99,6 +107,12 @@ pub fn write_upstream_request(
         w.header(b"X-Forwarded-Host", host);
     }
     w.header(b"X-Request-ID", f.request_id);
+    if !f.visitor_id.is_empty() {
+        w.header(b"X-Visitor-ID", f.visitor_id);
+    }
+    if !f.session_id.is_empty() {
+        w.header(b"X-Session-ID", f.session_id);
+    }
     if f.upgrade {
         w.header(b"Connection", b"upgrade");
         if let Some(u) = req.header("upgrade") {
@@ -145,6 +159,8 @@ pub struct ResponseEdit<'a> {
     pub security: &'a [AddedHeader],
     /// Strict-Transport-Security to add (HTTPS responses of routes that ask for it).
     pub hsts: Option<Hsts>,
+    /// `Set-Cookie: ...\r\n` lines to add (visitor and session cookies).
+    pub set_cookies: &'a [u8],
 }
 
 fn has_header(headers: &[Header<'_>], name: &[u8]) -> bool {
@@ -202,6 +218,11 @@ pub fn write_client_response(
             }
         });
     }
+    for line in e.set_cookies.split(|&b| b == b'\n') {
+        if let Some(v) = line.strip_prefix(b"Set-Cookie: ") {
+            w.header(b"Set-Cookie", v.strip_suffix(b"\r").unwrap_or(v));
+        }
+    }
     if let Some(id) = e.request_id
         && !has_header(resp.headers, b"x-request-id")
     {
@@ -248,6 +269,8 @@ mod tests {
             upgrade: false,
             strip_expect: true,
             upstream: "127.0.0.1:9000".parse().unwrap(),
+            visitor_id: b"",
+            session_id: b"",
         }
     }
 
@@ -330,6 +353,7 @@ mod tests {
                 request_id: Some(b"rid"),
                 security: &sec,
                 hsts: None,
+                set_cookies: b"",
             },
         );
         assert_eq!(

@@ -6,12 +6,13 @@
 //! plane's async runtime or database client.
 //!
 //! The path of a request, module by module: [`accept`] → [`conn`] → [`proxy`] (head, prepare
-//! with [`access`] and [`route`], forward through [`pool`], respond with [`headers`] and
+//! with [`access`], [`route`] and [`policy`], forward through [`pool`], respond with [`headers`] and
 //! [`stream`]) → [`log`](worker::Worker::log) into the worker's ring. `docs/architecture.md`
 //! tells the same story with the limits that apply at each step.
 
 pub mod accept;
 pub mod access;
+pub mod challenge;
 pub mod client;
 pub mod conn;
 pub mod deadline;
@@ -20,6 +21,7 @@ pub mod event;
 pub mod headers;
 pub mod io;
 pub mod parking;
+pub mod policy;
 pub mod pool;
 pub mod proxy;
 pub mod route;

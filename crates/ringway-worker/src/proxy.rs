@@ -87,6 +87,8 @@ pub struct Exchange {
     /// An upstream was contacted (the log names it only then: a redirect or a refused body
     /// has a route but no upstream).
     contacted: bool,
+    /// Visitor and session ids, and the cookies that keep them (policy phase).
+    pub ids: crate::policy::Ids,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -129,6 +131,7 @@ impl Exchange {
             head_request: false,
             target: None,
             contacted: false,
+            ids: crate::policy::Ids::default(),
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -162,6 +165,8 @@ impl Exchange {
             route: self.target.map(|t| t.ids),
             worker: w.id as u16,
             reason: self.reason.as_bytes(),
+            visitor_id: self.ids.visitor(),
+            session_id: self.ids.session(),
         });
     }
 }
@@ -743,6 +748,22 @@ fn prepare<S: ClientIo>(
     };
     ex.target = Some(target);
 
+    // Policy phase: IP rules, block rules, rate limits, challenge, visitor ids.
+    policy_phase::<S>(w, &r, &host, target, ex, out, has_body, req.meta.keep_alive).map_err(
+        |e| match e {
+            PolicyStop::Reject(rej) => Early::Reject(rej, Some(req)),
+            PolicyStop::Answer {
+                status,
+                reason,
+                close,
+            } => Early::Answer {
+                status,
+                reason,
+                close,
+            },
+        },
+    )?;
+
     if !S::TLS && target.redirect_https {
         // 301 keeps GET and HEAD; 308 keeps every other method and its body.
         let status = if matches!(req.method, Method::Get | Method::Head) {
@@ -801,11 +822,259 @@ fn prepare<S: ClientIo>(
             upgrade,
             strip_expect: true,
             upstream: target.upstream,
+            visitor_id: ex.ids.visitor(),
+            session_id: ex.ids.session(),
         },
     );
     let mut req = req;
     req.meta.upgrade = upgrade;
     Ok((req, target))
+}
+
+/// Why the policy phase ended the exchange.
+enum PolicyStop {
+    Reject(Reject),
+    /// `out` holds the answer (429, a challenge page, the redirect after a solution).
+    Answer {
+        status: u16,
+        reason: &'static str,
+        close: bool,
+    },
+}
+
+/// Most Cookie headers the policy phase looks at.
+const COOKIE_HEADERS_MAX: usize = 8;
+
+/// What the policy decided, copied out of the epoch-pinned policy.
+struct Decided {
+    verdict: crate::policy::Verdict,
+    /// Difficulty, binding and pass lifetime of the challenge, if any.
+    challenge: Option<(u8, ringway_core::policy::CookieBinding, u32)>,
+    visitor_cookies: bool,
+}
+
+/// Phase 3b (after routing): the edge policy of the host or project. See `policy`.
+#[allow(clippy::too_many_arguments)]
+fn policy_phase<S: ClientIo>(
+    w: &Worker,
+    r: &ringway_proto::Request<'_, '_>,
+    host: &HostName,
+    target: Target,
+    ex: &mut Exchange,
+    out: &mut Vec<u8>,
+    has_body: bool,
+    keep_alive: bool,
+) -> Result<(), PolicyStop> {
+    use crate::challenge;
+    use crate::policy::Verdict;
+    if w.policies.is_empty() {
+        return Ok(());
+    }
+    let s = &w.settings;
+    let mut cookie_vals: [&[u8]; COOKIE_HEADERS_MAX] = [&[]; COOKIE_HEADERS_MAX];
+    let mut n = 0;
+    for h in r.headers.iter() {
+        if n < COOKIE_HEADERS_MAX && h.name.eq_ignore_ascii_case("cookie") {
+            cookie_vals[n] = h.value;
+            n += 1;
+        }
+    }
+    let cookies = &cookie_vals[..n];
+    let now_unix = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let facts = crate::policy::Facts {
+        host: host.as_bytes(),
+        project: target.ids.project_id,
+        ip: ex.client_ip,
+        user_agent: r.header("user-agent").unwrap_or(b""),
+        path: r.path(),
+        cookies,
+        now_unix,
+        now_us: w.limiter.now_us(),
+    };
+    let Some(d) = w
+        .policies
+        .with_policy(host.as_str(), target.ids.project_id, |p| Decided {
+            verdict: crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys),
+            challenge: p
+                .challenge
+                .as_ref()
+                .map(|c| (c.difficulty_bits, c.binding, c.pass_ttl_s)),
+            visitor_cookies: p.visitor_cookies,
+        })
+    else {
+        return Ok(());
+    };
+    let close = has_body || !keep_alive;
+    let finish_head = |hw: &mut ringway_proto::HeadWriter<'_>, ex: &Exchange| {
+        hw.header(b"Cache-Control", b"no-store");
+        hw.header(b"X-Request-ID", ex.request_id());
+        if close {
+            hw.header(b"Connection", b"close");
+        }
+    };
+    match d.verdict {
+        Verdict::Pass => {}
+        Verdict::Forbid(reason) => {
+            if reason == "ip_denied" {
+                w.stats.ip_denied.inc();
+            } else {
+                w.stats.blocked.inc();
+            }
+            return Err(PolicyStop::Reject(Reject {
+                status: 403,
+                reason,
+                close: has_body,
+            }));
+        }
+        Verdict::Limit(retry_after_s) => {
+            w.stats.rate_limited.inc();
+            let body = b"Too Many Requests\n";
+            let mut hw = ringway_proto::HeadWriter::new(out);
+            hw.status_line(429, b"Too Many Requests");
+            hw.header(b"Content-Type", b"text/plain; charset=utf-8");
+            hw.header_u64(b"Retry-After", retry_after_s);
+            hw.header_u64(b"Content-Length", body.len() as u64);
+            finish_head(&mut hw, ex);
+            hw.finish();
+            out.extend_from_slice(body);
+            return Err(PolicyStop::Answer {
+                status: 429,
+                reason: "rate_limited",
+                close,
+            });
+        }
+        Verdict::Challenge | Verdict::Verify => {
+            let Some((bits, binding, ttl)) = d.challenge else {
+                return Ok(());
+            };
+            let mut page = w.bufs.take();
+            page.clear();
+            let mut solved = false;
+            let mut ret_ok = false;
+            if d.verdict == Verdict::Verify {
+                let target_bytes = r.origin_target();
+                let query = match target_bytes.iter().position(|&b| b == b'?') {
+                    Some(i) => &target_bytes[i + 1..],
+                    None => &[][..],
+                };
+                let (nonce, sol, ret) = (
+                    challenge::query_param(query, b"n"),
+                    challenge::query_param(query, b"s"),
+                    challenge::query_param(query, b"r"),
+                );
+                let mut n_dec = Vec::new();
+                let ok = match (nonce, sol) {
+                    (Some(nv), Some(sv)) => {
+                        challenge::percent_decode(nv, &mut n_dec).is_some()
+                            && challenge::verify_solution(
+                                &n_dec,
+                                sv,
+                                &s.challenge_keys,
+                                host.as_bytes(),
+                                ex.client_ip,
+                                binding,
+                                bits,
+                                now_unix,
+                            )
+                            .is_ok()
+                    }
+                    _ => false,
+                };
+                // `page` holds the decoded return path.
+                if let Some(rv) = ret {
+                    ret_ok = challenge::percent_decode(rv, &mut page).is_some()
+                        && challenge::safe_return(&page);
+                }
+                solved = ok;
+            }
+            if solved {
+                w.stats.challenges_passed.inc();
+                let mut cookie = Vec::with_capacity(96);
+                cookie.extend_from_slice(challenge::PASS_COOKIE);
+                cookie.push(b'=');
+                challenge::issue_pass(
+                    &mut cookie,
+                    &s.challenge_keys,
+                    host.as_bytes(),
+                    ex.client_ip,
+                    binding,
+                    now_unix,
+                    ttl,
+                );
+                cookie.extend_from_slice(b"; Path=/; Max-Age=");
+                ringway_proto::write::push_u64(&mut cookie, u64::from(ttl));
+                cookie.extend_from_slice(b"; HttpOnly; SameSite=Lax");
+                if S::TLS {
+                    cookie.extend_from_slice(b"; Secure");
+                }
+                let mut hw = ringway_proto::HeadWriter::new(out);
+                hw.status_line(302, b"Found");
+                hw.header(b"Location", if ret_ok { &page } else { b"/" });
+                hw.header(b"Set-Cookie", &cookie);
+                hw.header(b"Content-Length", b"0");
+                finish_head(&mut hw, ex);
+                hw.finish();
+                w.bufs.put(page);
+                return Err(PolicyStop::Answer {
+                    status: 302,
+                    reason: "challenge_passed",
+                    close,
+                });
+            }
+            let reason = if d.verdict == Verdict::Verify {
+                w.stats.challenges_failed.inc();
+                "challenge_failed"
+            } else {
+                w.stats.challenges_issued.inc();
+                "challenge"
+            };
+            // The page sends the client back where it was going (or, after a failed
+            // solution, where that solution said).
+            let ret: Vec<u8> = if d.verdict == Verdict::Verify && ret_ok {
+                page.clone()
+            } else {
+                r.origin_target().to_vec()
+            };
+            page.clear();
+            let mut nonce = Vec::with_capacity(64);
+            challenge::nonce(
+                &mut nonce,
+                &s.challenge_keys,
+                host.as_bytes(),
+                ex.client_ip,
+                binding,
+                now_unix,
+            );
+            challenge::page(&mut page, &nonce, bits, &ret);
+            let mut hw = ringway_proto::HeadWriter::new(out);
+            hw.status_line(403, b"Forbidden");
+            hw.header(b"Content-Type", b"text/html; charset=utf-8");
+            hw.header_u64(b"Content-Length", page.len() as u64);
+            finish_head(&mut hw, ex);
+            hw.finish();
+            out.extend_from_slice(&page);
+            w.bufs.put(page);
+            return Err(PolicyStop::Answer {
+                status: 403,
+                reason,
+                close,
+            });
+        }
+    }
+    if d.visitor_cookies {
+        ex.ids = crate::policy::visitor_ids(
+            cookies,
+            now_unix,
+            s.session_idle_s,
+            s.visitor_ttl_s,
+            S::TLS,
+            || w.random_u64(),
+        );
+    }
+    Ok(())
 }
 
 /// Phase 4: a pooled connection to `addr`, or a new one. Returns whether it was reused.
@@ -947,6 +1216,7 @@ fn plan_response(
                 request_id: s.request_id_in_response.then(|| ex.request_id()),
                 security: &[],
                 hsts: None,
+                set_cookies: ex.ids.set_cookie_lines(),
             },
         );
         return Ok(Plan {
@@ -1002,6 +1272,7 @@ fn plan_response(
             request_id: s.request_id_in_response.then(|| ex.request_id()),
             security: &s.security_headers,
             hsts,
+            set_cookies: ex.ids.set_cookie_lines(),
         },
     );
     Ok(Plan {

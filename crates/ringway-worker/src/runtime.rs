@@ -64,6 +64,8 @@ pub struct WorkerSpec {
     pub acme: Arc<AcmeTable>,
     pub settings: Settings,
     pub routes: Arc<RouteTable>,
+    pub policies: Arc<ringway_core::policy::PolicyTable>,
+    pub limiter: Arc<ringway_core::policy::RateLimiter>,
     pub stats: Arc<WorkerStats>,
     pub log: Option<LogProducer>,
     pub shutdown: Arc<Shutdown>,
@@ -342,6 +344,8 @@ async fn worker_main(spec: WorkerSpec) {
         acme,
         settings,
         routes,
+        policies,
+        limiter,
         stats,
         log,
         shutdown,
@@ -378,6 +382,8 @@ async fn worker_main(spec: WorkerSpec) {
         routes,
         certs,
         acme,
+        policies,
+        limiter,
     };
     let w = Rc::new(Worker::new(id, settings, tables, stats, log, parking, tls));
     if w.settings.park_idle {

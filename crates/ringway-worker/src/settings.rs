@@ -46,6 +46,11 @@ pub struct Settings {
     pub trusted_proxies: Vec<Cidr>,
     pub request_id_in_response: bool,
     pub security_headers: Vec<AddedHeader>,
+
+    /// Challenge pass and nonce keys (the same for every worker of the process).
+    pub challenge_keys: crate::challenge::Keys,
+    pub session_idle_s: u64,
+    pub visitor_ttl_s: u64,
 }
 
 impl Settings {
@@ -53,6 +58,9 @@ impl Settings {
         let ms = Duration::from_millis;
         let t = &c.timeouts;
         Self {
+            challenge_keys: crate::challenge::Keys::new(&c.policy.challenge_keys),
+            session_idle_s: c.policy.session_idle_s,
+            visitor_ttl_s: c.policy.visitor_ttl_s,
             head: c.limits.head_limits(),
             body_bytes_max: c.limits.body_bytes_max,
             connections_max: c.limits.connections_per_worker_max,

@@ -10,6 +10,7 @@ use crate::parking::ParkingLot;
 use crate::pool::Pool;
 use crate::settings::Settings;
 use monoio::net::TcpStream;
+use ringway_core::policy::{PolicyTable, RateLimiter};
 use ringway_core::snapshot::Tables;
 use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{LogEntry, LogProducer, RouteTable, WorkerStats};
@@ -45,6 +46,10 @@ pub struct Worker {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub certs: Arc<CertTable>,
     pub acme: Arc<AcmeTable>,
+    pub policies: Arc<PolicyTable>,
+    pub limiter: Arc<RateLimiter>,
+    /// Random state for visitor and session ids.
+    pub rng: Cell<u64>,
 }
 
 impl Worker {
@@ -61,6 +66,8 @@ impl Worker {
             routes,
             certs,
             acme,
+            policies,
+            limiter,
         } = tables;
         let pool = Pool::new(
             settings.idle_per_upstream_max,
@@ -91,6 +98,9 @@ impl Worker {
             tls,
             certs,
             acme,
+            policies,
+            limiter,
+            rng: Cell::new(crate::policy::seed()),
         }
     }
 
@@ -103,6 +113,14 @@ impl Worker {
                 self.stats.log_drops.inc();
             }
         }
+    }
+
+    /// 64 random bits (wyrand: ids must be unguessable enough to not collide, not secret).
+    pub fn random_u64(&self) -> u64 {
+        let s = self.rng.get().wrapping_add(0xa076_1d64_78bd_642f);
+        self.rng.set(s);
+        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
     }
 
     pub fn next_pick(&self) -> u64 {

@@ -150,6 +150,10 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         routes: Arc::new(RouteTable::new()),
         certs: Arc::new(CertTable::new()),
         acme: Arc::new(AcmeTable::new()),
+        policies: Arc::default(),
+        limiter: Arc::new(ringway_core::policy::RateLimiter::new(
+            config.policy.rate_limit_keys_max,
+        )),
     };
     let store = match config.routes.store {
         StoreKind::File => {
@@ -292,6 +296,8 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         pg_logs,
         certs: tables.certs.clone(),
         acme: tables.acme.clone(),
+        policies: tables.policies.clone(),
+        limiter: tables.limiter.clone(),
         access_log: config
             .access_log
             .enabled
@@ -349,6 +355,8 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
             https: https.map(|l| (l, tls_setup.clone())),
             certs: tables.certs.clone(),
             acme: tables.acme.clone(),
+            policies: tables.policies.clone(),
+            limiter: tables.limiter.clone(),
             settings: settings.clone(),
             routes: routes.clone(),
             stats: worker_stats[id].clone(),

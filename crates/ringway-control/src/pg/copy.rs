@@ -10,8 +10,8 @@ use std::net::IpAddr;
 
 /// Columns, in the order rows are encoded.
 pub const COLUMNS: &str = "ts, request_id, project_id, environment_id, deployment_id, host, method, path, status, \
-     duration_us, bytes_in, bytes_out, upstream, client_ip, user_agent, reason, worker, node";
-const FIELDS: i16 = 18;
+     duration_us, bytes_in, bytes_out, upstream, client_ip, user_agent, reason, worker, node, visitor_id, session_id";
+const FIELDS: i16 = 20;
 
 /// `PGCOPY\n\377\r\n\0`, flags, header extension length.
 pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -120,6 +120,13 @@ pub fn encode_row(e: &LogEntry<'_>, node: &[u8], out: &mut Vec<u8>) {
     field_text(out, e.reason);
     field_i16(out, i16::try_from(e.worker).unwrap_or(i16::MAX));
     field_text(out, node);
+    for id in [e.visitor_id, e.session_id] {
+        if id.is_empty() {
+            field_null(out);
+        } else {
+            field_text(out, id);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +155,8 @@ mod tests {
             }),
             worker: 1,
             reason: b"",
+            visitor_id: b"",
+            session_id: b"",
         }
     }
 
@@ -155,7 +164,7 @@ mod tests {
     fn row_has_every_field_and_clean_text() {
         let mut out = Vec::new();
         encode_row(&entry(), b"node-1", &mut out);
-        assert_eq!(&out[..2], &18i16.to_be_bytes());
+        assert_eq!(&out[..2], &20i16.to_be_bytes());
         // ts: one microsecond after the PostgreSQL epoch.
         assert_eq!(&out[2..6], &8i32.to_be_bytes());
         assert_eq!(&out[6..14], &1i64.to_be_bytes());

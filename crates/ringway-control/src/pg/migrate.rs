@@ -9,11 +9,18 @@ use super::PgError;
 use tokio_postgres::Client;
 
 /// (version, name, SQL), in order. Never edit one that has shipped: add the next.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/0001_schema.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/0001_schema.sql"),
+    ),
+    (
+        2,
+        "policies",
+        include_str!("../../migrations/0002_policies.sql"),
+    ),
+];
 
 /// Advisory lock key shared by every Ringway node ("ringway" in ASCII).
 const LOCK_KEY: i64 = 0x0072_696e_6777_6179;

@@ -50,6 +50,9 @@ struct File {
     routes: Vec<RouteGroup>,
     certificates: Vec<CertSource>,
     acme: BTreeMap<String, String>,
+    /// Edge policies as specs (built again when read).
+    #[serde(default)]
+    policies: Vec<crate::policy_spec::PolicySpec>,
 }
 
 /// Why a snapshot could not be read or written.
@@ -71,6 +74,7 @@ pub fn write(
     routes: &HashMap<String, Arc<Route>>,
     certs: &[CertSource],
     acme: &HashMap<String, Box<str>>,
+    policies: &[crate::policy_spec::PolicySpec],
 ) -> Result<(), SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.display().to_string(),
@@ -105,6 +109,7 @@ pub fn write(
             .iter()
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect(),
+        policies: policies.to_vec(),
     };
     let text = serde_json::to_vec(&file).map_err(|e| SnapshotError::Invalid {
         path: path.display().to_string(),
@@ -233,6 +238,7 @@ pub fn read(path: &Path) -> Result<Option<Loaded>, SnapshotError> {
                 .into_iter()
                 .map(|(k, v)| (k, v.into_boxed_str()))
                 .collect(),
+            policies: crate::policy_spec::build_set(&file.policies).map_err(invalid)?,
         },
         certs: kept,
         written_unix: file.written_unix,
@@ -274,7 +280,16 @@ mod tests {
         };
         let mut acme = HashMap::new();
         acme.insert("tok".to_string(), "tok.key".into());
-        write(&path, &routes, std::slice::from_ref(&c), &acme).unwrap();
+        let pol: crate::policy_spec::PolicySpec =
+            toml::from_str("project_id = 1\ndeny = [\"10.0.0.0/8\"]").unwrap();
+        write(
+            &path,
+            &routes,
+            std::slice::from_ref(&c),
+            &acme,
+            std::slice::from_ref(&pol),
+        )
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -288,6 +303,7 @@ mod tests {
         assert!(l.snapshot.certs.default.is_some());
         assert_eq!(l.certs, vec![c]);
         assert_eq!(&*l.snapshot.acme["tok"], "tok.key");
+        assert!(!l.snapshot.policies.by_project[&1].ip_allowed("10.1.1.1".parse().unwrap()));
         assert!(read(&dir.path().join("none.json")).unwrap().is_none());
         std::fs::write(&path, b"{").unwrap();
         assert!(read(&path).is_err());

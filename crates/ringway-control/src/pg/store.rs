@@ -18,8 +18,10 @@ use super::{Backoff, Conn, PgError, connect};
 use crate::certs;
 use crate::file_store::{ACME_TOKENS_MAX, parse_upstream};
 use crate::metrics::ControlStats;
-use crate::store::{ChangeSet, RouteStore, StoreError, StoreEvent};
+use crate::policy_spec::PolicySpec;
+use crate::store::{ChangeSet, PolicyKey, RouteStore, StoreError, StoreEvent};
 use futures_util::TryStreamExt;
+use ringway_core::policy::{Policy, PolicySet};
 use ringway_core::route::{Hsts, Route, RouteSet, normalize_pattern};
 use ringway_core::snapshot::Snapshot;
 use ringway_core::tls::{CertEntry, CertSet};
@@ -72,9 +74,31 @@ struct Model {
     /// Certificate domains whose current row is refused, with the reason.
     refused: BTreeMap<String, &'static str>,
     acme: HashMap<String, Box<str>>,
+    /// Policies by row id: where each is published, its spec (for the snapshot file) and
+    /// the built policy.
+    policies: HashMap<i64, (PolicyKey, PolicySpec, Arc<Policy>)>,
 }
 
 impl Model {
+    fn policy_set(&self) -> PolicySet {
+        let mut set = PolicySet::default();
+        for (key, _, p) in self.policies.values() {
+            match key {
+                PolicyKey::Project(id) => {
+                    set.by_project.insert(*id, p.clone());
+                }
+                PolicyKey::Host(h) => {
+                    set.by_host.insert(h.clone(), p.clone());
+                }
+            }
+        }
+        set
+    }
+
+    fn policy_specs(&self) -> Vec<PolicySpec> {
+        self.policies.values().map(|(_, s, _)| s.clone()).collect()
+    }
+
     fn cert_sources(&self) -> Vec<CertSource> {
         self.certs.values().map(|s| s.source.clone()).collect()
     }
@@ -94,6 +118,7 @@ struct Pending {
     cert_domains: Vec<String>,
     certs: bool,
     acme: bool,
+    policy_ids: Vec<i64>,
     full: bool,
     earliest_us: Option<i64>,
     count: usize,
@@ -129,9 +154,76 @@ impl Pending {
                 self.cert_domains.extend(old);
             }
             (Some("acme_challenges"), _) => self.acme = true,
+            (Some("access_policies"), _) => self.policy_ids.extend(id),
             _ => self.full = true,
         }
     }
+}
+
+/// A policy row, its IP rules applied, built: (where it is published, spec, policy).
+type LoadedPolicy = (PolicyKey, PolicySpec, Arc<Policy>);
+
+/// Reads policies (all, or these ids) with their IP rules.
+async fn load_policies(
+    client: &impl tokio_postgres::GenericClient,
+    ids: Option<&[i64]>,
+) -> Result<Vec<(i64, Result<LoadedPolicy, String>)>, PgError> {
+    let (rows, rules) = match ids {
+        None => (
+            client
+                .query("SELECT id, project_id, hostname, policy::text FROM access_policies", &[])
+                .await,
+            client
+                .query("SELECT policy_id, cidr::text, action FROM ip_rules", &[])
+                .await,
+        ),
+        Some(ids) => (
+            client
+                .query("SELECT id, project_id, hostname, policy::text FROM access_policies WHERE id = ANY($1)", &[&ids])
+                .await,
+            client
+                .query("SELECT policy_id, cidr::text, action FROM ip_rules WHERE policy_id = ANY($1)", &[&ids])
+                .await,
+        ),
+    };
+    let rows = rows.map_err(PgError::query("loading access policies"))?;
+    let rules = rules.map_err(PgError::query("loading IP rules"))?;
+    let mut by_policy: HashMap<i64, (Vec<String>, Vec<String>)> = HashMap::new();
+    for r in &rules {
+        let e = by_policy.entry(r.get::<_, i64>(0)).or_default();
+        let cidr: String = r.get(1);
+        if r.get::<_, &str>(2) == "allow" {
+            e.0.push(cidr);
+        } else {
+            e.1.push(cidr);
+        }
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id: i64 = r.get(0);
+        let project: Option<i64> = r.get(1);
+        let host: Option<String> = r.get(2);
+        let json: String = r.get(3);
+        let built = (|| {
+            let mut spec: PolicySpec =
+                serde_json::from_str(&json).map_err(|e| format!("policy: {e}"))?;
+            spec.project_id = project;
+            spec.host = host.clone();
+            if let Some((allow, deny)) = by_policy.remove(&id) {
+                spec.allow.extend(allow);
+                spec.deny.extend(deny);
+            }
+            let (key, name) = match (project, &host) {
+                (Some(p), None) => (PolicyKey::Project(p), format!("project {p}")),
+                (None, Some(h)) => (PolicyKey::Host(h.clone()), format!("host {h}")),
+                _ => return Err("names neither a project nor a host".to_string()),
+            };
+            let policy = spec.build(&name)?;
+            Ok((key, spec, Arc::new(policy)))
+        })();
+        out.push((id, built));
+    }
+    Ok(out)
 }
 
 /// Why the store woke up.
@@ -398,12 +490,29 @@ impl PgStore {
         {
             acme.insert(row.get::<_, String>(0), row.get::<_, String>(1).into_boxed_str());
         }
+        let loaded = load_policies(&tx, None).await?;
+        let mut policies = HashMap::new();
+        for (id, r) in loaded {
+            match r {
+                Ok(v) => {
+                    policies.insert(id, v);
+                }
+                Err(why) => {
+                    // A policy refused now keeps the version in force, if any.
+                    tracing::error!("access policy {id} refused: {why}");
+                    if let Some(prev) = self.model.policies.get(&id) {
+                        policies.insert(id, prev.clone());
+                    }
+                }
+            }
+        }
         tx.commit().await.map_err(PgError::query("commit"))?;
         self.model = Model {
             routes: routes.hosts.clone(),
             certs: model_certs,
             refused,
             acme: acme.clone(),
+            policies,
         };
         self.stats
             .full_load_ms
@@ -419,6 +528,7 @@ impl PgStore {
             routes,
             certs: set,
             acme,
+            policies: self.model.policy_set(),
         })
     }
 
@@ -542,6 +652,38 @@ impl PgStore {
             self.model.acme = acme.clone();
             ch.acme = Some(acme);
         }
+        if !p.policy_ids.is_empty() {
+            let mut ids = p.policy_ids;
+            ids.sort_unstable();
+            ids.dedup();
+            let loaded = load_policies(&conn.client, Some(&ids)).await?;
+            let mut present = HashSet::new();
+            for (id, r) in loaded {
+                present.insert(id);
+                match r {
+                    Ok((key, spec, policy)) => {
+                        // Moved from a project or host to another: unpublish the old key.
+                        if let Some((old, _, _)) = self.model.policies.get(&id)
+                            && *old != key
+                        {
+                            ch.policy_changes.push((old.clone(), None));
+                        }
+                        ch.policy_changes.push((key.clone(), Some(policy.clone())));
+                        self.model.policies.insert(id, (key, spec, policy));
+                    }
+                    Err(why) => tracing::error!(
+                        "access policy {id} refused: {why}; the version in force stays"
+                    ),
+                }
+            }
+            for id in ids {
+                if !present.contains(&id)
+                    && let Some((key, _, _)) = self.model.policies.remove(&id)
+                {
+                    ch.policy_changes.push((key, None));
+                }
+            }
+        }
         ControlStats::inc(&self.stats.incremental_loads);
         Ok(ch)
     }
@@ -562,9 +704,10 @@ impl PgStore {
         let routes = self.model.routes.clone();
         let certs = self.model.cert_sources();
         let acme = self.model.acme.clone();
+        let policies = self.model.policy_specs();
         let stats = self.stats.clone();
         self.snapshot_task = Some(tokio::task::spawn_blocking(
-            move || match snapshot_file::write(&path, &routes, &certs, &acme) {
+            move || match snapshot_file::write(&path, &routes, &certs, &acme, &policies) {
                 Ok(()) => {
                     ControlStats::inc(&stats.snapshot_writes);
                     stats
