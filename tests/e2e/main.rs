@@ -4,6 +4,7 @@
 
 mod basics;
 mod bodies;
+mod policy;
 mod postgres;
 mod process;
 mod reload;

@@ -1,0 +1,479 @@
+//! Edge policies from the routes file: IP allow and deny lists (with forwarded addresses from
+//! trusted and untrusted peers), block rules, rate limits holding across workers, the
+//! proof-of-work challenge solved by a real client (and by the page's own script in node),
+//! forged, expired and wrong-network passes, visitor and session cookies.
+
+use crate::support::*;
+use ringway_core::policy::CookieBinding;
+use ringway_worker::challenge::{Keys, issue_pass};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "test-challenge-key-0123456789abcdef";
+
+/// Routes for app.test (project 11) with `policy` appended.
+fn with_policy(origin: std::net::SocketAddr, policy: &str) -> String {
+    format!("{}\n{policy}\n", routes_to(origin))
+}
+
+fn trusting_loopback(c: &mut ringway_core::config::Config) {
+    c.headers.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    c.policy.challenge_keys = vec![KEY.into()];
+}
+
+fn get_with(p: &TestProxy, headers: &str, path: &str) -> client::Response {
+    let mut c = Conn::connect(p.addr);
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n{headers}\r\n").as_bytes());
+    c.read_response(false).unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn deny_list_with_v4_v6_and_forwarded_addresses() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\ndeny = [\"10.9.0.0/16\", \"2001:db8::/32\", \"192.0.2.7\"]\n",
+    );
+    // Untrusted peer: its X-Forwarded-For is ignored, the socket address decides.
+    let p = TestProxy::start(&routes);
+    assert_eq!(
+        get_with(&p, "X-Forwarded-For: 10.9.1.1\r\n", "/spoof").status,
+        200
+    );
+    drop(p);
+    // Trusted peer: the forwarded address decides.
+    let p = TestProxy::start_with(&routes, trusting_loopback);
+    for (xff, status) in [
+        ("10.9.1.1", 403),
+        ("10.8.0.1", 200),
+        ("2001:db8::5", 403),
+        ("2001:db9::5", 200),
+        ("192.0.2.7", 403),
+        ("192.0.2.8", 200),
+    ] {
+        let r = get_with(
+            &p,
+            &format!("X-Forwarded-For: {xff}\r\n"),
+            &format!("/from/{xff}"),
+        );
+        assert_eq!(r.status, status, "{xff}");
+        if status == 403 {
+            assert!(r.header("x-request-id").is_some());
+            assert!(
+                r.text().contains(r.header("x-request-id").unwrap()),
+                "the page names the request id"
+            );
+        }
+    }
+    assert!(
+        !origin.paths().iter().any(|p| p.contains("10.9.1.1")),
+        "a denied request reached the upstream"
+    );
+    assert!(eventually(Duration::from_secs(5), || p
+        .metric_sum("ringway_policy_ip_denied_total")
+        == 3.0));
+    let mut p = p;
+    let log = p.stop();
+    let denied: Vec<_> = log.iter().filter(|l| l["status"] == 403).collect();
+    assert_eq!(denied.len(), 3);
+    assert!(
+        denied
+            .iter()
+            .all(|l| l["reason"] == "ip_denied" && l["project_id"] == 11)
+    );
+    assert_eq!(denied[0]["client_ip"], "10.9.1.1");
+}
+
+#[test]
+fn allow_list_lets_only_listed_networks_in() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\nip_mode = \"allow_list\"\nallow = [\"127.0.0.1\", \"10.0.0.0/8\", \"fd00::/8\"]\ndeny = [\"10.6.6.6\"]\n",
+    );
+    let p = TestProxy::start_with(&routes, trusting_loopback);
+    assert_eq!(get_with(&p, "", "/direct").status, 200);
+    for (xff, status) in [
+        ("10.1.2.3", 200),
+        ("fd00::1", 200),
+        ("192.0.2.1", 403),
+        ("2001:db8::1", 403),
+        ("10.6.6.6", 403),
+    ] {
+        assert_eq!(
+            get_with(&p, &format!("X-Forwarded-For: {xff}\r\n"), "/x").status,
+            status,
+            "{xff}"
+        );
+    }
+}
+
+#[test]
+fn host_policy_replaces_the_projects() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\nblock_paths = [\"/admin\"]\n[[policy]]\nhost = \"open.app.test\"\n",
+    );
+    let p = TestProxy::start(&routes);
+    assert_eq!(get(p.addr, "app.test", "/admin").status, 403);
+    assert_eq!(get(p.addr, "open.app.test", "/admin").status, 200);
+}
+
+#[test]
+fn user_agent_and_path_block_rules() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\nblock_user_agents = [\"BadBot\", \"sqlmap\"]\nblock_paths = [\"/wp-admin\", \"/.env\"]\n",
+    );
+    let mut p = TestProxy::start(&routes);
+    assert_eq!(
+        get_with(
+            &p,
+            "User-Agent: Mozilla/5.0 (compatible; badbot/2.1)\r\n",
+            "/"
+        )
+        .status,
+        403
+    );
+    assert_eq!(get_with(&p, "User-Agent: sqlmap/1.7\r\n", "/").status, 403);
+    assert_eq!(
+        get_with(&p, "User-Agent: Mozilla/5.0\r\n", "/wp-admin/setup.php").status,
+        403
+    );
+    assert_eq!(get_with(&p, "", "/.env").status, 403);
+    assert_eq!(
+        get_with(&p, "User-Agent: Mozilla/5.0\r\n", "/blog").status,
+        200
+    );
+    let log = p.stop();
+    let reasons: Vec<_> = log.iter().filter_map(|l| l["reason"].as_str()).collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "blocked_user_agent")
+            .count(),
+        2
+    );
+    assert_eq!(reasons.iter().filter(|r| **r == "blocked_path").count(), 2);
+}
+
+#[test]
+fn rate_limit_holds_across_workers_within_ten_percent() {
+    let origin = Origin::start_unrecorded();
+    let (rps, burst) = (100u64, 10u64);
+    let routes = with_policy(
+        origin.addr,
+        &format!(
+            "[[policy]]\nproject_id = 11\n[[policy.rate_limit]]\nrps = {rps}\nburst = {burst}\n"
+        ),
+    );
+    let p = TestProxy::start(&routes);
+    let addr = p.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let started = Instant::now();
+    // New connections land on either worker (SO_REUSEPORT hashes the client port).
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, limited) = (stop.clone(), ok.clone(), limited.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut c = Conn::connect(addr);
+                    for _ in 0..5 {
+                        let Some(r) = c.try_get("app.test", "/r") else {
+                            break;
+                        };
+                        match r.status {
+                            200 => ok.fetch_add(1, Ordering::Relaxed),
+                            429 => {
+                                assert!(
+                                    r.header("retry-after")
+                                        .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1))
+                                );
+                                limited.fetch_add(1, Ordering::Relaxed)
+                            }
+                            s => panic!("status {s}"),
+                        };
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = burst as f64 + 1.0 + rps as f64 * elapsed;
+    let got = ok.load(Ordering::Relaxed) as f64;
+    assert!(
+        limited.load(Ordering::Relaxed) > 0,
+        "the clients went over the limit"
+    );
+    assert!(
+        (got - expected).abs() <= expected * 0.10,
+        "{got} requests passed, expected {expected:.0} ±10%"
+    );
+    // Both workers enforced it.
+    let m = p.metrics();
+    for w in 0..2 {
+        let line = format!("ringway_policy_rate_limited_total{{worker=\"{w}\"}}");
+        let n: f64 = m
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
+        assert!(n > 0.0, "worker {w} limited nothing:\n{m}");
+    }
+}
+
+/// The nonce in a challenge page.
+fn nonce_of(page: &str) -> String {
+    let start = page.find("const n=\"").expect("a nonce") + 9;
+    page[start..start + page[start..].find('"').unwrap()].to_string()
+}
+
+fn solve(nonce: &str, bits: u32) -> u64 {
+    (0u64..)
+        .find(|s| {
+            let d = aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                format!("{nonce}:{s}").as_bytes(),
+            );
+            let mut z = 0;
+            for b in d.as_ref() {
+                if *b == 0 {
+                    z += 8;
+                } else {
+                    z += b.leading_zeros();
+                    break;
+                }
+            }
+            z >= bits
+        })
+        .unwrap()
+}
+
+fn pass_cookie(resp: &client::Response) -> String {
+    let c = resp.header("set-cookie").expect("a pass cookie");
+    c.split(';').next().unwrap().to_string()
+}
+
+#[test]
+fn challenge_solved_by_a_client_and_passes_checked() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\n[policy.challenge]\nwhen = \"always\"\nexempt_paths = [\"/api/\"]\ndifficulty_bits = 10\npass_ttl_s = 600\n",
+    );
+    let p = TestProxy::start_with(&routes, |c| c.policy.challenge_keys = vec![KEY.into()]);
+    // The page first, not the upstream.
+    let r = get_with(&p, "", "/shop?item=1");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let page = r.text();
+    assert!(page.contains("r=\"/shop?item=1\""), "{page}");
+    assert!(origin.requests().is_empty());
+    // APIs are exempt.
+    assert_eq!(get_with(&p, "", "/api/orders").status, 200);
+
+    // Solve it as the page would and come back.
+    let n = nonce_of(&page);
+    let s = solve(&n, 10);
+    let verify = format!("/.ringway/challenge?n={n}&s={s}&r=%2Fshop%3Fitem%3D1");
+    let r = get_with(&p, "", &verify);
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(r.header("location"), Some("/shop?item=1"));
+    let cookie = pass_cookie(&r);
+    assert!(r.header("set-cookie").unwrap().contains("HttpOnly"));
+    let r = get_with(
+        &p,
+        &format!("Cookie: other=1; {cookie}\r\n"),
+        "/shop?item=1",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok /shop?item=1");
+
+    // A wrong solution, a nonce for another host, an open redirect: refused.
+    assert_eq!(
+        get_with(&p, "", &format!("/.ringway/challenge?n={n}&s=0&r=%2F")).status,
+        if s == 0 { 302 } else { 403 }
+    );
+    let r = get_with(
+        &p,
+        "",
+        &format!("/.ringway/challenge?n={n}&s={s}&r=https%3A%2F%2Fevil.test%2F"),
+    );
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some("/"), "never leaves the site");
+
+    // Forged, expired, issued for another network or another host: the page again.
+    let keys = Keys::new(&[KEY.to_string()]);
+    let ip = "127.0.0.1".parse().unwrap();
+    let make = |host: &[u8], ip, now, ttl| {
+        let mut v = b"__ringway_pass=".to_vec();
+        issue_pass(&mut v, &keys, host, ip, CookieBinding::Network, now, ttl);
+        String::from_utf8(v).unwrap()
+    };
+    let good = make(b"app.test", ip, now(), 600);
+    assert_eq!(
+        get_with(&p, &format!("Cookie: {good}\r\n"), "/crafted").status,
+        200,
+        "a pass made with the same key works"
+    );
+    let forged = good.replacen(".0.", ".0.00", 1);
+    let expired = make(b"app.test", ip, now() - 7200, 600);
+    let elsewhere = make(b"app.test", "198.51.100.1".parse().unwrap(), now(), 600);
+    let other_host = make(b"other.test", ip, now(), 600);
+    for (what, c) in [
+        ("forged", forged),
+        ("expired", expired),
+        ("other network", elsewhere),
+        ("other host", other_host),
+    ] {
+        let r = get_with(&p, &format!("Cookie: {c}\r\n"), "/again");
+        assert_eq!(r.status, 403, "{what}");
+        assert!(
+            r.text().contains("const n=\""),
+            "{what}: the challenge page"
+        );
+    }
+    assert!(eventually(Duration::from_secs(5), || p
+        .metric_sum("ringway_policy_challenges_passed_total")
+        >= 2.0));
+}
+
+#[test]
+fn challenge_page_script_solves_itself_in_node() {
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("challenge_page_script_solves_itself_in_node: node not installed; skipped");
+        return;
+    }
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\n[policy.challenge]\ndifficulty_bits = 8\n",
+    );
+    let p = TestProxy::start(&routes);
+    let page = get_with(&p, "", "/landing").text();
+    let script = &page[page.find("<script>").unwrap() + 8..page.find("</script>").unwrap()];
+    // Just enough of a browser for the page: where it navigates is printed.
+    let shim = "globalThis.self = globalThis; globalThis.document = { body: {} }; globalThis.location = { replace(u) { console.log(u); } };\n";
+    let out = std::process::Command::new("node")
+        .arg("-e")
+        .arg(format!("{shim}{script}"))
+        .output()
+        .unwrap();
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        url.starts_with("/.ringway/challenge?n="),
+        "{url} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = get_with(&p, "", &url);
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some("/landing"));
+    let cookie = pass_cookie(&r);
+    assert_eq!(
+        get_with(&p, &format!("Cookie: {cookie}\r\n"), "/landing").status,
+        200
+    );
+}
+
+#[test]
+fn challenge_on_match_only_for_matching_requests() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\n[policy.challenge]\nwhen = \"on_match\"\nuser_agents = [\"python-requests\"]\npath_prefixes = [\"/login\"]\n",
+    );
+    let p = TestProxy::start(&routes);
+    assert_eq!(get_with(&p, "User-Agent: Mozilla/5.0\r\n", "/").status, 200);
+    assert_eq!(
+        get_with(&p, "User-Agent: Mozilla/5.0\r\n", "/login").status,
+        403
+    );
+    assert_eq!(
+        get_with(&p, "User-Agent: python-requests/2.31\r\n", "/").status,
+        403
+    );
+}
+
+#[test]
+fn visitor_and_session_cookies_are_set_kept_and_expired() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\nvisitor_cookies = true\n",
+    );
+    let mut p = TestProxy::start(&routes);
+    // First visit: both cookies set; the upstream sees the ids, not what the client claimed.
+    let r = get_with(&p, "X-Visitor-ID: spoofed\r\n", "/headers");
+    let set: Vec<&str> = r.headers_named("set-cookie");
+    assert_eq!(set.len(), 2, "{set:?}");
+    let value = |name: &str| -> String {
+        let c = set
+            .iter()
+            .find(|c| c.starts_with(&format!("{name}=")))
+            .unwrap();
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax"), "{c}");
+        c.split(';').next().unwrap()[name.len() + 1..].to_string()
+    };
+    let (vid, sid_cookie) = (value("rw_vid"), value("rw_sid"));
+    let sid = sid_cookie.split('.').next().unwrap().to_string();
+    assert_eq!(vid.len(), 32);
+    let seen = r.text();
+    assert!(seen.contains(&format!("X-Visitor-ID: {vid}")), "{seen}");
+    assert!(seen.contains(&format!("X-Session-ID: {sid}")), "{seen}");
+    assert!(!seen.contains("spoofed"));
+
+    // Back with the cookies: same ids, nothing set again.
+    let cookies = format!("Cookie: rw_vid={vid}; rw_sid={sid_cookie}\r\n");
+    let r = get_with(&p, &cookies, "/headers");
+    assert!(r.headers_named("set-cookie").is_empty());
+    assert!(r.text().contains(&format!("X-Session-ID: {sid}")));
+
+    // A session idle past its window: a new session, the same visitor.
+    let stale = format!("Cookie: rw_vid={vid}; rw_sid={sid}.{}\r\n", now() - 4000);
+    let r = get_with(&p, &stale, "/headers");
+    let set = r.headers_named("set-cookie");
+    assert_eq!(set.len(), 1);
+    assert!(set[0].starts_with("rw_sid=") && !set[0].contains(&sid));
+    assert!(r.text().contains(&format!("X-Visitor-ID: {vid}")));
+
+    let log = p.stop();
+    let with_ids = log
+        .iter()
+        .filter(|l| l["visitor_id"] == vid.as_str())
+        .count();
+    assert_eq!(with_ids, 3, "every request logged with its visitor id");
+}
+
+#[test]
+fn without_consent_no_cookies() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\nvisitor_cookies = false\nblock_paths = [\"/x\"]\n",
+    );
+    let p = TestProxy::start(&routes);
+    let r = get_with(&p, "", "/headers");
+    assert!(r.headers_named("set-cookie").is_empty());
+    assert!(!r.text().contains("X-Visitor-ID"));
+}
