@@ -491,3 +491,75 @@ fn a_batch_the_database_refuses_is_dropped_and_counted_not_retried_forever() {
     assert!(p.metric_sum("ringway_log_rows_dropped_total") >= 1.0);
     assert_eq!(p.metric_sum("ringway_log_spool_bytes"), 0.0);
 }
+
+#[test]
+fn policies_and_100k_ip_rules_follow_the_database() {
+    let origin = Origin::start_unrecorded();
+    let db = TestDb::migrated();
+    seed(&db, &[origin.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    let p = pg_proxy(db.url(), |c| {
+        c.headers.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]
+    });
+    let from = |ip: &str, path: &str| {
+        let mut c = Conn::connect(p.addr);
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: {ip}\r\n\r\n")
+                .as_bytes(),
+        );
+        c.read_response(false).unwrap().status
+    };
+    assert_eq!(from("10.9.1.1", "/"), 200);
+    db.exec("INSERT INTO access_policies (id, project_id) VALUES (1, 1)");
+    db.exec("INSERT INTO ip_rules (policy_id, cidr, action) VALUES (1, '10.9.0.0/16', 'deny'), (1, '2001:db8::/32', 'deny')");
+    assert!(eventually(SECS, || from("10.9.1.1", "/") == 403));
+    assert_eq!(from("2001:db8::7", "/"), 403);
+    assert_eq!(from("10.8.1.1", "/"), 200);
+    db.exec(r#"UPDATE access_policies SET policy = '{"block_paths": ["/admin"], "rate_limit": [{"rps": 1000, "burst": 1000}]}' WHERE id = 1"#);
+    assert!(eventually(SECS, || from("10.8.1.1", "/admin") == 403));
+    db.exec("DELETE FROM ip_rules WHERE cidr = '10.9.0.0/16'");
+    assert!(eventually(SECS, || from("10.9.1.1", "/") == 200));
+    // A policy the store refuses keeps the version in force.
+    db.exec(r#"UPDATE access_policies SET policy = '{"block_paths": ["no-slash"]}' WHERE id = 1"#);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        from("10.8.1.1", "/admin"),
+        403,
+        "the refused version did not replace the good one"
+    );
+    db.exec("DELETE FROM access_policies WHERE id = 1");
+    assert!(eventually(SECS, || from("10.8.1.1", "/admin") == 200));
+
+    // Every change so far was visible within 100 ms by the proxy's own measure.
+    let m = p.metrics();
+    let count = metric_sum(&m, "ringway_db_change_visible_seconds_count");
+    assert!(count >= 6.0, "{m}");
+    assert_eq!(
+        bucket(&m, "ringway_db_change_visible_seconds", "0.1"),
+        count,
+        "{m}"
+    );
+
+    // 100,000 deny rules in one statement: one notification, one re-read. (Its change time is
+    // the transaction's start, so that one measures the insert too.)
+    db.exec("INSERT INTO access_policies (id, project_id) VALUES (2, 1)");
+    db.exec(
+        "INSERT INTO ip_rules (policy_id, cidr, action) \
+         SELECT 2, ('11.' || (g / 65536) || '.' || ((g / 256) % 256) || '.' || (g % 256))::cidr, 'deny' \
+         FROM generate_series(0, 99999) g",
+    );
+    assert!(
+        eventually(SECS, || from("11.1.134.159", "/") == 403),
+        "the last of the 100,000 rules"
+    );
+    assert_eq!(from("11.0.0.0", "/"), 403);
+    assert_eq!(from("11.1.134.160", "/"), 200);
+    assert_eq!(from("11.2.0.0", "/"), 200);
+
+    // And a restart with 100,000 rules loads them in the full load.
+    let mut p = p;
+    p.restart();
+    let mut c = Conn::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 11.0.200.1\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 403);
+}

@@ -31,6 +31,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use store::{RouteStore, StoreEvent};
 
+/// How often idle rate-limit keys are forgotten.
+const RATE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Where routes come from.
 #[derive(Debug)]
 pub enum StoreChoice {
@@ -365,6 +368,23 @@ async fn run(
                     tracing::warn!("second signal: exiting now");
                     std::process::exit(1);
                 }
+            }
+        });
+    }
+
+    // Forget rate-limit keys whose bucket is full again (their state equals a new key's),
+    // and publish the policy gauges.
+    {
+        let (limiter, policies, st) = (p.limiter.clone(), p.policies.clone(), stats.clone());
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(RATE_SWEEP_INTERVAL);
+            loop {
+                t.tick().await;
+                let n = limiter.sweep(0);
+                st.rate_limit_keys.store(n as u64, Ordering::Relaxed);
+                st.rate_limit_overflows
+                    .store(limiter.overflows.load(Ordering::Relaxed), Ordering::Relaxed);
+                st.policies.store(policies.len() as u64, Ordering::Relaxed);
             }
         });
     }

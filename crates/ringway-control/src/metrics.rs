@@ -53,6 +53,13 @@ pub struct ControlStats {
     /// dropped so the spool behind them can move; their rows count as dropped.
     pub log_batches_refused: AtomicU64,
     pub log_batch_write: Histogram,
+    // Edge policy.
+    /// Policies in service (projects and hosts).
+    pub policies: AtomicU64,
+    /// Rate-limit keys remembered (after the last sweep).
+    pub rate_limit_keys: AtomicU64,
+    /// Requests not limited because the key table was full.
+    pub rate_limit_overflows: AtomicU64,
 }
 
 /// Bucket upper bounds of the latency histograms, in microseconds.
@@ -428,6 +435,29 @@ pub fn render(
 
 fn render_db(out: &mut String, c: &ControlStats) {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "ringway_policies",
+            "gauge",
+            "Edge policies in service (projects and hosts).",
+            g(&c.policies),
+        ),
+        (
+            "ringway_rate_limit_keys",
+            "gauge",
+            "Rate-limit keys (client, rule) remembered after the last sweep.",
+            g(&c.rate_limit_keys),
+        ),
+        (
+            "ringway_rate_limit_overflows_total",
+            "counter",
+            "Requests not rate limited because the key table was full (policy.rate_limit_keys_max).",
+            g(&c.rate_limit_overflows),
+        ),
+    ] {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
