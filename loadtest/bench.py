@@ -33,16 +33,18 @@ IDLE_CONNS = int(os.environ.get("IDLE_CONNECTIONS", "10000"))
 NPROC = os.cpu_count() or 2
 PROXY_CPUS = os.environ.get("PROXY_CPUS", "0")
 LOAD_CPUS = os.environ.get("LOAD_CPUS", "1" if NPROC > 1 else "0")
-SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,6,7").split(",") if s.strip()]
+SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,6,7,8").split(",") if s.strip()]
 PROXIES = [p.strip() for p in os.environ.get("PROXIES", "ringway,nginx,haproxy").split(",") if p.strip()]
 # Overrides of Ringway's config: "section.key=value;section.key=value" (TOML values).
 RINGWAY_SET = [kv.strip() for kv in os.environ.get("RINGWAY_SET", "").split(";") if kv.strip()]
 
-ORIGIN_PORT, RW_PORT, NG_PORT, HA_PORT, RW100K_PORT = 18000, 18001, 18002, 18003, 18004
+ORIGIN_PORT, RW_PORT, NG_PORT, HA_PORT, RW100K_PORT, RWPOL_PORT = 18000, 18001, 18002, 18003, 18004, 18005
 # HTTPS listeners (scenario 6), same certificate for all three.
 TLS_PORTS = {"ringway": 18011, "nginx": 18012, "haproxy": 18013}
-RW_ADMIN, RW100K_ADMIN = 18091, 18094
-PORTS = {"ringway": RW_PORT, "nginx": NG_PORT, "haproxy": HA_PORT, "ringway-100k": RW100K_PORT, "origin": ORIGIN_PORT}
+RW_ADMIN, RW100K_ADMIN, RWPOL_ADMIN = 18091, 18094, 18095
+PORTS = {"ringway": RW_PORT, "nginx": NG_PORT, "haproxy": HA_PORT, "ringway-100k": RW100K_PORT, "ringway-policy": RWPOL_PORT, "origin": ORIGIN_PORT}
+# Scenario 8: IP rules in the ACL of the policy instance, none matching the load generator.
+POLICY_RULES = int(os.environ.get("POLICY_RULES", "10000"))
 # TLS idle connections (6c) cost a full handshake each from a Python client: fewer of them.
 TLS_IDLE_CONNS = int(os.environ.get("TLS_IDLE_CONNECTIONS", "5000"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -216,6 +218,32 @@ enabled = false
         .replace(f"127.0.0.1:{RW_PORT}", f"127.0.0.1:{RW100K_PORT}")
         .replace(f"127.0.0.1:{RW_ADMIN}", f"127.0.0.1:{RW100K_ADMIN}")
         .replace('file = "routes.toml"', 'file = "routes-100k.toml"')
+        .replace(f'https = "127.0.0.1:{TLS_PORTS["ringway"]}"\n', "")
+    )
+    # Scenario 8: the same route under a project policy with a 10,000-rule deny list (random
+    # /32 and /24 outside 127/8, a tenth IPv6) and a rate limit per client that is never hit.
+    # Visitor cookies are off: the figure is the cost of the checks, not of a Set-Cookie.
+    import random
+    rnd = random.Random(8)
+    deny = []
+    for i in range(POLICY_RULES):
+        if i % 10 == 9:
+            deny.append(f"2001:db8:{rnd.randrange(65536):x}::/48")
+        else:
+            a = rnd.randrange(0x0B000000, 0x7F000000) if rnd.random() < 0.5 else rnd.randrange(0x80000000, 0xE0000000)
+            ip = ".".join(str((a >> s) & 255) for s in (24, 16, 8, 0))
+            deny.append(f"{ip}/32" if i % 3 else f"{ip.rsplit('.', 1)[0]}.0/24")
+    (workdir / "routes-policy.toml").write_text(
+        f'default = "origin"\n[[route]]\nname = "origin"\nhosts = ["localhost"]\nupstreams = ["127.0.0.1:{ORIGIN_PORT}"]\nproject_id = 1\n'
+        "[[policy]]\nproject_id = 1\nip_mode = \"deny_list\"\nvisitor_cookies = false\n"
+        "deny = [" + ", ".join(f'"{d}"' for d in deny) + "]\n"
+        "[[policy.rate_limit]]\nrps = 1000000\nburst = 1000000\n"
+    )
+    (workdir / "ringway-policy.toml").write_text(
+        rw.read_text()
+        .replace(f"127.0.0.1:{RW_PORT}", f"127.0.0.1:{RWPOL_PORT}")
+        .replace(f"127.0.0.1:{RW_ADMIN}", f"127.0.0.1:{RWPOL_ADMIN}")
+        .replace('file = "routes.toml"', 'file = "routes-policy.toml"')
         .replace(f'https = "127.0.0.1:{TLS_PORTS["ringway"]}"\n', "")
     )
     affinity = " ".join(mask(c) for c in PROXY_CPU_LIST)
@@ -425,6 +453,9 @@ def scenario_runs(name, proxies, nginx_max):
             time.sleep(2)
         elif name == "7":
             out[pname] = measure(pids, lambda: run_wrk(port, host="h50000.example.test"))
+        elif name == "8":
+            # Scenario 1 again, on plain Ringway and on the policy instance back to back.
+            out[pname] = measure(pids, lambda: run_wrk(port))
     return out
 
 
@@ -449,6 +480,7 @@ SCENARIO_TITLES = {
     "6-hs": "6b. HTTPS, a full TLS 1.3 handshake per request (Connection: close), 64 connections",
     "6-idle": "6c. idle TLS keep-alive connections",
     "7": "7. 100,000 routes loaded, as scenario 1",
+    "8": "8. edge policy: a 10,000-rule IP deny list and a never-hit rate limit, as scenario 1",
 }
 
 
@@ -481,6 +513,9 @@ def fmt(v, nd=1):
     return f"{v:,}"
 
 
+RESULTS = {}
+
+
 def render_markdown(summary, meta):
     L = []
     L.append(f"# Ringway load test, {meta['date']} on {meta['host']}\n")
@@ -490,7 +525,7 @@ def render_markdown(summary, meta):
     if "origin" in summary:
         o = summary["origin"].get("origin", {})
         L.append(f"Origin alone (scenario 1 shape, no proxy): {fmt(o.get('rps'))} requests/s — the proxies below stay under it, so the origin is not their bottleneck.\n")
-    for sc in [s for s in ["1", "2", "3-down", "3-up", "4", "5", "6-ka", "6-hs", "6-idle", "7"] if s in summary]:
+    for sc in [s for s in ["1", "2", "3-down", "3-up", "4", "5", "6-ka", "6-hs", "6-idle", "7", "8"] if s in summary]:
         L.append(f"## {SCENARIO_TITLES[sc]}\n")
         per = summary[sc]
         ng, ha = per.get("nginx", {}), per.get("haproxy", {})
@@ -522,6 +557,12 @@ def render_markdown(summary, meta):
             base = summary["1"]["ringway"].get("rps")
             r = per.get("ringway-100k", {}).get("rps")
             L.append(f"\nWith 100,000 routes Ringway serves {fmt(ratio(r, base), 3)}x its scenario-1 rate (1 route).")
+        if sc == "8" and "ringway" in per and "ringway-policy" in per:
+            a, b = per["ringway"], per["ringway-policy"]
+            cost = 1 - ratio(b.get("rps"), a.get("rps")) if ratio(b.get("rps"), a.get("rps")) else None
+            cpu = ratio(b.get("cpu_us_per_req"), a.get("cpu_us_per_req"))
+            pr = [ratio(x.get("rps"), y.get("rps")) for x, y in zip(RESULTS.get("8", {}).get("ringway-policy", []), RESULTS.get("8", {}).get("ringway", []))]
+            L.append(f"\nPolicy cost: throughput {fmt(100 * cost if cost is not None else None, 2)}% lower than without policy (median of rounds), CPU per request {fmt(cpu, 3)}x. Per-round throughput ratios (policy / none): {', '.join(fmt(x, 3) for x in pr)}.")
         L.append("")
     return "\n".join(L)
 
@@ -592,17 +633,21 @@ def main():
         "nginx": Proxy("nginx", taskset(PROXY_CPUS, ["nginx", "-c", str(WORK / "nginx.conf")]), NG_PORT),
         "haproxy": Proxy("haproxy", taskset(PROXY_CPUS, ["haproxy", "-f", str(WORK / "haproxy.cfg")]), HA_PORT),
         "ringway-100k": Proxy("ringway-100k", taskset(PROXY_CPUS, [str(REL / "ringway"), "serve", "--config", str(WORK / "ringway-100k.toml")]), RW100K_PORT),
+        "ringway-policy": Proxy("ringway-policy", taskset(PROXY_CPUS, [str(REL / "ringway"), "serve", "--config", str(WORK / "ringway-policy.toml")]), RWPOL_PORT),
     }
     proxies = [p for p in PROXIES if p in ALL]
     started = [origin]
     results = {}
     try:
         origin.start(WORK)
-        for pname in proxies + (["ringway-100k"] if "7" in SCENARIOS else []):
+        extra = (["ringway-100k"] if "7" in SCENARIOS else []) + (["ringway-policy"] if "8" in SCENARIOS else [])
+        if "8" in SCENARIOS and "ringway" not in proxies:
+            extra.append("ringway")
+        for pname in proxies + extra:
             ALL[pname].start(WORK)
             started.append(ALL[pname])
         # Warm up every proxy (pools, buffers, page cache).
-        for pname in proxies:
+        for pname in proxies + [e for e in extra if e != "ringway-100k"]:
             subprocess.run(taskset(LOAD_CPUS, ["wrk", "-t1", "-c64", "-d2s", "-H", "Host: localhost", f"http://127.0.0.1:{ALL[pname].port}/"]), capture_output=True)
         nginx_max = None
         for rnd in range(1, ROUNDS + 1):
@@ -619,7 +664,9 @@ def main():
                 if sc == "4" and nginx_max is None:
                     s1 = results.get("1", {}).get("nginx") or results.get("1", {}).get(proxies[0])
                     nginx_max = median([r["rps"] for r in s1]) if s1 else 20000
-                run_on = ["ringway-100k"] if sc == "7" else proxies
+                # Scenario 8 alternates which instance goes first, so drift favours neither.
+                pair = ["ringway", "ringway-policy"] if rnd % 2 else ["ringway-policy", "ringway"]
+                run_on = ["ringway-100k"] if sc == "7" else pair if sc == "8" else proxies
                 for pname, r in scenario_runs(sc, run_on, nginx_max).items():
                     results.setdefault(sc, {}).setdefault(pname, []).append(r)
                     log(f"  S{sc} {pname}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k in ("rps", "cpu_us_per_req", "p99_ms", "kib_per_idle_conn", "errors")))
@@ -641,6 +688,8 @@ def main():
         "proxy_cpus": PROXY_CPUS,
         "load_cpus": LOAD_CPUS,
     }
+    global RESULTS
+    RESULTS = results
     summary = summarize(results)
     md = render_markdown(summary, meta)
     print(md)

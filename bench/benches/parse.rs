@@ -42,6 +42,9 @@ fn bench(c: &mut Criterion) {
         upgrade: false,
         strip_expect: true,
         upstream: "10.0.0.5:3000".parse().unwrap(),
+        // The common case with cookies on: both ids present.
+        visitor_id: b"v2f3a9c01d4e5b6a7",
+        session_id: b"s8e7d6c5b4a39281",
     };
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
     let req = parse_request(BROWSER_REQUEST, &limits, &mut slots).unwrap();
@@ -83,6 +86,7 @@ fn bench(c: &mut Criterion) {
                     request_id: Some(b"0123456789abcdef0123456789abcdef"),
                     security: &security,
                     hsts: None,
+                    set_cookies: b"",
                 },
             );
             black_box(out.len());

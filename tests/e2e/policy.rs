@@ -89,7 +89,13 @@ fn deny_list_with_v4_v6_and_forwarded_addresses() {
             .iter()
             .all(|l| l["reason"] == "ip_denied" && l["project_id"] == 11)
     );
-    assert_eq!(denied[0]["client_ip"], "10.9.1.1");
+    // Records come from two workers' rings: compare as a set, not in order.
+    let mut ips: Vec<_> = denied
+        .iter()
+        .map(|l| l["client_ip"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ips.sort();
+    assert_eq!(ips, ["10.9.1.1", "192.0.2.7", "2001:db8::5"]);
 }
 
 #[test]
@@ -333,7 +339,13 @@ fn challenge_solved_by_a_client_and_passes_checked() {
         200,
         "a pass made with the same key works"
     );
-    let forged = good.replacen(".0.", ".0.00", 1);
+    // One bit of the MAC changed.
+    let forged = {
+        let mut b = good.clone().into_bytes();
+        let last = b.len() - 1;
+        b[last] = if b[last] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap()
+    };
     let expired = make(b"app.test", ip, now() - 7200, 600);
     let elsewhere = make(b"app.test", "198.51.100.1".parse().unwrap(), now(), 600);
     let other_host = make(b"other.test", ip, now(), 600);
@@ -476,4 +488,100 @@ fn without_consent_no_cookies() {
     let r = get_with(&p, "", "/headers");
     assert!(r.headers_named("set-cookie").is_empty());
     assert!(!r.text().contains("X-Visitor-ID"));
+}
+
+fn proxy_v2(src: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&80u16.to_be_bytes());
+    h
+}
+
+#[test]
+fn proxy_protocol_from_an_allowed_balancer() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\ndeny = [\"198.51.100.0/24\"]\n",
+    );
+    let ca = crate::support::pki::Ca::new();
+    let leaf = ca.leaf(&["app.test"]);
+    let routes = format!(
+        "{routes}\n[[certificate]]\nname = \"app\"\ncert = \"tls/app.crt\"\nkey = \"tls/app.key\"\n"
+    );
+    let mut p = TestProxy::start_with_files(
+        &[
+            ("tls/app.crt", &leaf.cert_pem),
+            ("tls/app.key", &leaf.key_pem),
+        ],
+        &routes,
+        |c| {
+            c.listen.https = Some("127.0.0.1:0".parse().unwrap());
+            c.listen.proxy_protocol = true;
+            c.listen.proxy_protocol_from = vec!["127.0.0.1".parse().unwrap()];
+        },
+    );
+    // v1 then a request, in one write: the client is who the header says.
+    let mut c = Conn::connect(p.addr);
+    c.send(b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 80\r\nGET /headers HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("X-Forwarded-For: 203.0.113.9"),
+        "{}",
+        r.text()
+    );
+    // The connection goes on as that client.
+    assert_eq!(c.get("app.test", "/second").status, 200);
+    // v2, and its address meets the policy.
+    let mut c = Conn::connect(p.addr);
+    let mut req = proxy_v2([198, 51, 100, 4], 4000);
+    req.extend_from_slice(b"GET /denied HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    c.send(&req);
+    assert_eq!(c.read_response(false).unwrap().status, 403);
+    // Over TLS: the header comes before the ClientHello.
+    let mut t = crate::support::pki::TlsClient::connect_after(
+        p.https.unwrap(),
+        &ca.client(),
+        "app.test",
+        b"PROXY TCP6 2001:db8::9 2001:db8::1 7000 443\r\n",
+    )
+    .unwrap();
+    let r = t.get("app.test", "/headers").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("X-Forwarded-For: 2001:db8::9"));
+    // From an allowed source the header is required: without one the connection is closed.
+    let mut c = Conn::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    assert!(c.read_response(false).is_err());
+    assert!(eventually(Duration::from_secs(5), || p
+        .metric_sum("ringway_proxy_protocol_errors_total")
+        >= 1.0));
+    let log = p.stop();
+    assert!(
+        log.iter()
+            .any(|l| l["client_ip"] == "203.0.113.9" && l["path"] == "/second")
+    );
+    assert!(
+        log.iter()
+            .any(|l| l["client_ip"] == "198.51.100.4" && l["reason"] == "ip_denied")
+    );
+}
+
+#[test]
+fn proxy_protocol_from_anyone_else_is_just_a_bad_request() {
+    let origin = Origin::start();
+    let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
+        c.listen.proxy_protocol = true;
+        c.listen.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
+    });
+    let mut c = Conn::connect(p.addr);
+    c.send(b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 400);
+    // Plain requests from that peer are served as usual.
+    assert_eq!(get(p.addr, "app.test", "/plain").status, 200);
+    assert!(origin.paths().iter().all(|p| p == "/plain"));
 }

@@ -527,8 +527,34 @@ fn policies_and_100k_ip_rules_follow_the_database() {
         403,
         "the refused version did not replace the good one"
     );
-    db.exec("DELETE FROM access_policies WHERE id = 1");
+    // Replaced in one transaction (the old row deleted, a new one for the same project): the
+    // new policy is in force afterwards, whatever order the notifications were applied in.
+    db.exec(
+        r#"BEGIN;
+        DELETE FROM access_policies WHERE id = 1;
+        INSERT INTO access_policies (id, project_id, policy) VALUES (3, 1, '{"block_paths": ["/other"]}');
+        COMMIT;"#,
+    );
     assert!(eventually(SECS, || from("10.8.1.1", "/admin") == 200));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        from("10.8.1.1", "/other"),
+        403,
+        "the replacement stays in force"
+    );
+    // A host policy is kept under the host's normal form; a wildcard one is refused, counted,
+    // and breaks nothing else.
+    db.exec(r#"INSERT INTO access_policies (id, hostname, policy) VALUES (4, 'a.test.', '{"block_paths": ["/host-only"]}'), (5, '*.wild.test', '{}')"#);
+    assert!(eventually(SECS, || from("10.8.1.1", "/host-only") == 403));
+    assert_eq!(
+        from("10.8.1.1", "/other"),
+        200,
+        "the host policy replaces the project's"
+    );
+    assert!(p.metric_sum("ringway_policy_refusals_total") >= 1.0);
+    db.exec("DELETE FROM access_policies WHERE id IN (3, 4, 5)");
+    assert!(eventually(SECS, || from("10.8.1.1", "/host-only") == 200
+        && from("10.8.1.1", "/other") == 200));
 
     // Every change so far was visible within 100 ms by the proxy's own measure.
     let m = p.metrics();

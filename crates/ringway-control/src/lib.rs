@@ -196,11 +196,20 @@ fn unix_now() -> u64 {
 
 pub use ringway_core::snapshot::Tables;
 
-/// Applies store events to the tables until the runtime stops.
-async fn follow_store(mut store: impl RouteStore, tables: Tables, stats: Arc<ControlStats>) {
+/// Applies store events to the tables until `stop` fires, then lets the store finish.
+async fn follow_store(
+    mut store: impl RouteStore,
+    tables: Tables,
+    stats: Arc<ControlStats>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let routes = tables.routes.clone();
     loop {
-        match store.next().await {
+        let next = tokio::select! {
+            n = store.next() => n,
+            _ = &mut stop => break,
+        };
+        match next {
             Ok(ev) => {
                 match ev {
                     StoreEvent::Full(snap) => {
@@ -232,6 +241,7 @@ async fn follow_store(mut store: impl RouteStore, tables: Tables, stats: Arc<Con
             }
         }
     }
+    store.finish().await;
 }
 
 /// Applies an incremental change set: routes, then certificates, then ACME tokens.
@@ -293,7 +303,8 @@ async fn run(
         policies: p.policies.clone(),
         limiter: p.limiter.clone(),
     };
-    match p.store {
+    let (store_stop, store_stop_rx) = tokio::sync::oneshot::channel();
+    let store_task = match p.store {
         StoreChoice::File {
             path,
             poll,
@@ -301,16 +312,16 @@ async fn run(
         } => {
             let store =
                 file_store::FileStore::new(path, poll, initial.as_ref().map(|(s, h)| (s, *h)));
-            tokio::spawn(follow_store(store, tables, stats.clone()));
+            tokio::spawn(follow_store(store, tables, stats.clone(), store_stop_rx))
         }
         StoreChoice::Postgres { config, seed } => {
             let mut store = pg::store::PgStore::new(config, stats.clone());
             if let Some(l) = &seed {
                 store.seed(l);
             }
-            tokio::spawn(follow_store(store, tables, stats.clone()));
+            tokio::spawn(follow_store(store, tables, stats.clone(), store_stop_rx))
         }
-    }
+    };
     let mut db_logs = match (p.pg_logs, spool) {
         (Some(cfg), Some(spool)) => {
             let builder = pg::logs::BatchBuilder::new(&cfg);
@@ -406,6 +417,8 @@ async fn run(
             &stats,
         );
     }
+    let _ = store_stop.send(());
+    let _ = store_task.await;
     // Final drain: the workers are gone, so the rings only shrink.
     while drain_once(
         &mut rings,

@@ -60,6 +60,8 @@ pub struct ControlStats {
     pub rate_limit_keys: AtomicU64,
     /// Requests not limited because the key table was full.
     pub rate_limit_overflows: AtomicU64,
+    /// Policy rows the database store refused (each load that refuses one counts it).
+    pub policy_refusals: AtomicU64,
 }
 
 /// Bucket upper bounds of the latency histograms, in microseconds.
@@ -454,6 +456,12 @@ fn render_db(out: &mut String, c: &ControlStats) {
             "Requests not rate limited because the key table was full (policy.rate_limit_keys_max).",
             g(&c.rate_limit_overflows),
         ),
+        (
+            "ringway_policy_refusals_total",
+            "counter",
+            "Policy rows refused by database loads (bad JSON, bad rule, bad hostname); the version in force, if any, stays.",
+            g(&c.policy_refusals),
+        ),
     ] {
         family(out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
@@ -705,6 +713,14 @@ fn render_tls(
         "counter",
         "ACME HTTP-01 challenges answered.",
         |s| s.acme_answers,
+    );
+    per_worker(
+        out,
+        snaps,
+        "ringway_proxy_protocol_errors_total",
+        "counter",
+        "Connections from PROXY protocol sources closed for a missing, malformed or late header.",
+        |s| s.proxy_protocol_errors,
     );
     per_worker(
         out,

@@ -38,6 +38,9 @@ use std::sync::Arc;
 
 /// Most policies one store may hold.
 pub const POLICIES_MAX: usize = 1_000_000;
+/// Highest rate a limit may name: the limiter keeps time in microseconds, so one request
+/// per microsecond is the finest interval it can express.
+pub const RATE_RPS_MAX: u32 = 1_000_000;
 /// Hardest challenge accepted (2^24 hashes is seconds of a phone's time).
 pub const DIFFICULTY_BITS_MAX: u8 = 24;
 
@@ -200,8 +203,17 @@ impl PolicySpec {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                if r.rps == 0 {
-                    return Err(at(format!("rate_limit #{}: rps must be at least 1", i + 1)));
+                if r.rps == 0 || r.rps > RATE_RPS_MAX {
+                    return Err(at(format!(
+                        "rate_limit #{}: rps must be between 1 and {RATE_RPS_MAX}",
+                        i + 1
+                    )));
+                }
+                if r.burst > RATE_RPS_MAX {
+                    return Err(at(format!(
+                        "rate_limit #{}: burst must be at most {RATE_RPS_MAX}",
+                        i + 1
+                    )));
                 }
                 Ok(RateRule {
                     id: tag | i as u32,
@@ -334,7 +346,7 @@ mod tests {
         assert!(!p.ip_allowed("10.1.2.3".parse().unwrap()));
         assert_eq!(p.blocked(b"a badbot", b"/"), Some("blocked_user_agent"));
         assert_eq!(p.rate_limits[0].rps, 5);
-        let set = build_set(&[s.clone()]).unwrap();
+        let set = build_set(std::slice::from_ref(&s)).unwrap();
         assert!(set.by_project.contains_key(&1));
         assert!(
             build_set(&[s.clone(), s.clone()]).is_err(),
@@ -345,6 +357,8 @@ mod tests {
             "project_id = 1\nip_mode = \"allow_list\"",
             "project_id = 1\nblock_paths = [\"wp-admin\"]",
             "project_id = 1\n[[rate_limit]]\nrps = 0",
+            "project_id = 1\n[[rate_limit]]\nrps = 1000001",
+            "project_id = 1\n[[rate_limit]]\nrps = 10\nburst = 1000001",
             "project_id = 1\n[challenge]\ndifficulty_bits = 40",
             "project_id = 1\n[challenge]\nwhen = \"on_match\"",
         ] {

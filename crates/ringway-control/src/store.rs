@@ -76,4 +76,8 @@ pub trait RouteStore {
 
     /// Waits for the next change. The first call returns the initial full snapshot.
     async fn next(&mut self) -> Result<StoreEvent, StoreError>;
+
+    /// Called once at shutdown, after the last `next`: finish what must outlive the process
+    /// (the database store writes a snapshot file still owed to a debounce).
+    async fn finish(&mut self) {}
 }

@@ -113,6 +113,11 @@ pub struct ListenConfig {
     pub https: Option<SocketAddr>,
     /// listen(2) backlog of each worker's socket (capped by net.core.somaxconn).
     pub backlog: u32,
+    /// Read a PROXY protocol header (v1 or v2) on connections, on both listeners, from the
+    /// peers in `proxy_protocol_from` (a load balancer in front); the client address it names
+    /// replaces the peer's. Other peers are served without one.
+    pub proxy_protocol: bool,
+    pub proxy_protocol_from: Vec<Cidr>,
 }
 
 impl Default for ListenConfig {
@@ -121,6 +126,8 @@ impl Default for ListenConfig {
             http: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
             https: None,
             backlog: 4096,
+            proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -526,6 +533,10 @@ pub enum ConfigError {
         "postgres.url is empty but routes.store = \"postgres\" or postgres.logs.enabled needs it"
     )]
     NoDatabaseUrl,
+    #[error(
+        "listen.proxy_protocol needs listen.proxy_protocol_from (the balancers allowed to send it)"
+    )]
+    ProxyProtocolSources,
     #[error("policy.challenge_keys: every key needs at least 32 characters")]
     ShortChallengeKey,
 }
@@ -769,6 +780,9 @@ impl Config {
             600_000,
             "0 to 10 minutes",
         )?;
+        if self.listen.proxy_protocol && self.listen.proxy_protocol_from.is_empty() {
+            return Err(ConfigError::ProxyProtocolSources);
+        }
         if self.policy.challenge_keys.iter().any(|k| k.len() < 32) {
             return Err(ConfigError::ShortChallengeKey);
         }

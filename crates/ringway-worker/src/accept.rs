@@ -68,7 +68,17 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener, tls:
                 w.stats.connections_active.inc();
                 // The connection frees its slot when it closes (conn::closed), whether from
                 // this task or, after parking, from the parking lot or a resumed task.
-                if tls {
+                if w.settings.proxy_protocol
+                    && ringway_core::cidr::any_contains(&w.settings.proxy_protocol_from, peer.ip())
+                {
+                    monoio::spawn(conn::serve_proxied(
+                        w.clone(),
+                        stream,
+                        peer,
+                        Instant::now(),
+                        tls,
+                    ));
+                } else if tls {
                     monoio::spawn(conn::serve_tls(w.clone(), stream, peer, Instant::now()));
                 } else {
                     monoio::spawn(conn::serve(w.clone(), stream, peer, Instant::now()));

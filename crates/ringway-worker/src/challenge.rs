@@ -5,7 +5,7 @@
 //! finds a number `s` such that SHA-256(`nonce:s`) starts with `difficulty` zero bits, then
 //! loads `/.ringway/challenge?n=<nonce>&s=<s>&r=<where it was going>`. The worker checks the
 //! MAC (any configured key), the nonce's age, and the work, then answers 302 back with a pass
-//! cookie: `<expiry>.<key index>.<mac>`, the MAC over (host, client network, expiry). A pass
+//! cookie: `<expiry>.<key id>.<mac>`, the MAC over (host, client network, expiry). A pass
 //! is checked the same way on every request: forged, expired, or presented from another
 //! network or host, it fails and the page comes back.
 
@@ -22,9 +22,38 @@ pub const NONCE_TTL_S: u64 = 300;
 /// Bytes of each MAC kept in cookies and nonces (128 bits).
 const MAC_BYTES: usize = 16;
 
-/// The challenge keys: the first signs, all verify.
+/// One challenge key and its id: the first 8 hex digits of a MAC of a fixed label, so a pass
+/// names the key that signed it without revealing anything about it.
+pub struct Key {
+    hmac: hmac::Key,
+    id: [u8; 8],
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        write!(f, "Key({})", String::from_utf8_lossy(&self.id))
+    }
+}
+
+impl Key {
+    fn new(secret: &[u8]) -> Key {
+        let hmac = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let tag = hmac::sign(&hmac, b"ringway challenge key id");
+        let mut id = [0u8; 8];
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in tag.as_ref()[..4].iter().enumerate() {
+            id[2 * i] = HEX[usize::from(b >> 4)];
+            id[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        Key { hmac, id }
+    }
+}
+
+/// The challenge keys: the first signs, all verify. Passes carry the signing key's id, so
+/// putting a new key first (rotation) keeps every pass signed by a key still listed valid.
 #[derive(Clone)]
-pub struct Keys(pub std::sync::Arc<[hmac::Key]>);
+pub struct Keys(pub std::sync::Arc<[Key]>);
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,18 +64,15 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Keys from configured secrets; with none, one random key (per process).
     pub fn new(secrets: &[String]) -> Keys {
-        let keys: Vec<hmac::Key> = if secrets.is_empty() {
+        let keys: Vec<Key> = if secrets.is_empty() {
             let mut k = [0u8; 32];
             // A failure here leaves a zero key: still a key, but say so.
             if aws_lc_rs::rand::fill(&mut k).is_err() {
                 tracing::error!("no randomness for the challenge key");
             }
-            vec![hmac::Key::new(hmac::HMAC_SHA256, &k)]
+            vec![Key::new(&k)]
         } else {
-            secrets
-                .iter()
-                .map(|s| hmac::Key::new(hmac::HMAC_SHA256, s.as_bytes()))
-                .collect()
+            secrets.iter().map(|s| Key::new(s.as_bytes())).collect()
         };
         Keys(keys.into())
     }
@@ -143,18 +169,20 @@ pub fn pass_valid(
     else {
         return false;
     };
-    let (Some(exp), Some(idx), Some(tag)) =
-        (parse_u64(exp), parse_u64(idx), parse_hex::<MAC_BYTES>(tag))
-    else {
+    let (Some(exp), Some(tag)) = (parse_u64(exp), parse_hex::<MAC_BYTES>(tag)) else {
         return false;
     };
     if exp <= now {
         return false;
     }
-    let Some(key) = keys.0.get(idx as usize) else {
+    // A key no longer listed (rotated out) makes its passes invalid.
+    let Some(key) = keys.0.iter().find(|k| k.id[..] == *idx) else {
         return false;
     };
-    same(&mac(key, b"pass", host, &network(ip, binding), exp), &tag)
+    same(
+        &mac(&key.hmac, b"pass", host, &network(ip, binding), exp),
+        &tag,
+    )
 }
 
 /// Appends a pass cookie value valid for `ttl_s`.
@@ -168,11 +196,14 @@ pub fn issue_pass(
     ttl_s: u32,
 ) {
     let exp = now + u64::from(ttl_s);
+    let key = &keys.0[0];
     ringway_proto::write::push_u64(out, exp);
-    out.extend_from_slice(b".0.");
+    out.push(b'.');
+    out.extend_from_slice(&key.id);
+    out.push(b'.');
     push_hex(
         out,
-        &mac(&keys.0[0], b"pass", host, &network(ip, binding), exp),
+        &mac(&key.hmac, b"pass", host, &network(ip, binding), exp),
     );
 }
 
@@ -189,7 +220,7 @@ pub fn nonce(
     out.push(b'.');
     push_hex(
         out,
-        &mac(&keys.0[0], b"nonce", host, &network(ip, binding), now),
+        &mac(&keys.0[0].hmac, b"nonce", host, &network(ip, binding), now),
     );
 }
 
@@ -243,7 +274,7 @@ pub fn verify_solution(
     if !keys
         .0
         .iter()
-        .any(|k| same(&mac(k, b"nonce", host, &net, t), &tag))
+        .any(|k| same(&mac(&k.hmac, b"nonce", host, &net, t), &tag))
     {
         return Err(Refused::Forged);
     }
@@ -433,6 +464,40 @@ mod tests {
             CookieBinding::Network,
             1000
         ));
+        // Rotation: a new key put first signs new passes; the old one still verifies its own.
+        let rotated = Keys::new(&["n".repeat(32), "k".repeat(32)]);
+        assert!(pass_valid(
+            &v,
+            &rotated,
+            b"a.test",
+            ip,
+            CookieBinding::Network,
+            1000
+        ));
+        let mut fresh = Vec::new();
+        issue_pass(
+            &mut fresh,
+            &rotated,
+            b"a.test",
+            ip,
+            CookieBinding::Network,
+            1000,
+            60,
+        );
+        assert!(
+            !pass_valid(&fresh, &k, b"a.test", ip, CookieBinding::Network, 1000),
+            "signed by a key the old list does not hold"
+        );
+        // Rotated out: the old key's passes end.
+        let retired = Keys::new(&["n".repeat(32)]);
+        assert!(!pass_valid(
+            &v,
+            &retired,
+            b"a.test",
+            ip,
+            CookieBinding::Network,
+            1000
+        ));
         // Another node with other keys does not accept it.
         let other = Keys::new(&["z".repeat(32)]);
         assert!(!pass_valid(
@@ -466,7 +531,7 @@ mod tests {
         };
         assert_eq!(ok(&n, &s, 5010), Ok(()));
         assert_eq!(ok(&n, &s, 5000 + NONCE_TTL_S + 1), Err(Refused::Expired));
-        assert_eq!(ok(&n, "0", 5010).err().is_some(), true);
+        assert!(ok(&n, "0", 5010).is_err());
         let mut bad = n.clone();
         let last = bad.len() - 1;
         bad[last] = if bad[last] == b'0' { b'1' } else { b'0' };

@@ -57,15 +57,80 @@ pub fn serve(
     run(w, c, accepted, 0, false, false)
 }
 
+/// Serves a connection from a PROXY protocol source (`listen.proxy_protocol_from`): reads
+/// the header within `timeouts.header_read_ms`, then serves the connection as coming from
+/// the client it names. A missing or malformed header closes the connection.
+pub async fn serve_proxied(
+    w: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    tls: bool,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut io = Timed::new(stream, w.deadlines.clone());
+    let mut rb = RecvBuf::default();
+    let deadline = accepted + w.settings.header_read;
+    let (source, n) = loop {
+        match crate::proxy_protocol::parse(&rb.buf) {
+            Ok(Some(x)) => break x,
+            Ok(None) => {}
+            Err(_) => {
+                w.stats.proxy_protocol_errors.inc();
+                closed(&w);
+                return;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = if left.is_zero() {
+            Err(crate::error::IoFail::Timeout)
+        } else {
+            io.fill(&mut rb, 256, left).await
+        };
+        if !matches!(r, Ok(n) if n > 0) {
+            w.stats.proxy_protocol_errors.inc();
+            closed(&w);
+            return;
+        }
+    };
+    let client_addr = match source {
+        crate::proxy_protocol::Source::Proxied(a) => a,
+        crate::proxy_protocol::Source::Local => peer,
+    };
+    let leftover = rb.buf.split_off(n);
+    let stream = io.io;
+    if tls {
+        Box::pin(serve_tls_with(w, stream, client_addr, accepted, &leftover)).await;
+    } else {
+        let trusted = access::is_trusted(client_addr.ip(), &w.settings.trusted_proxies);
+        let mut c = client(&w, stream, client_addr, trusted);
+        c.rb.buf = leftover;
+        Box::pin(run(w, c, accepted, 0, false, false)).await;
+    }
+}
+
 /// Serves a freshly accepted TLS connection: handshake (within its timeout), then requests.
 pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted: Instant) {
     let _ = stream.set_nodelay(true);
+    serve_tls_with(w, stream, peer, accepted, &[]).await
+}
+
+async fn serve_tls_with(
+    w: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    read_ahead: &[u8],
+) {
     let Some(config) = w.tls.clone() else {
         closed(&w);
         return;
     };
     let conn = match TlsConn::new(stream, config) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            c.prime(read_ahead);
+            c
+        }
         Err(_) => {
             closed(&w);
             return;

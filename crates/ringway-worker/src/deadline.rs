@@ -20,6 +20,13 @@ pub const TICK: Duration = Duration::from_millis(25);
 /// wait in a far list that is re-sorted once per wheel turn.
 const WHEEL_SLOTS: usize = 256;
 
+/// End of a list.
+const NIL: u32 = u32::MAX;
+/// List index of the far list (after the wheel slots).
+const FAR: u16 = WHEEL_SLOTS as u16;
+/// `Entry::list` of an entry in no list (fired, or free).
+const UNLINKED: u16 = u16::MAX;
+
 #[derive(Debug)]
 struct Entry {
     due_tick: u64,
@@ -27,18 +34,91 @@ struct Entry {
     armed: bool,
     fired: bool,
     waker: Option<Waker>,
+    /// Doubly linked through the slab: a slot (or the far list) is a list of entries, so a
+    /// deadline dropped before it fires (the common case: data arrived) is unlinked at once and
+    /// nothing accumulates per request. Free entries are chained through `next`.
+    prev: u32,
+    next: u32,
+    list: u16,
 }
 
-/// The wheel. Single-threaded: it lives in the worker.
+#[derive(Debug)]
+struct Inner {
+    entries: Vec<Entry>,
+    free_head: u32,
+    /// Heads of the wheel slots, then of the far list.
+    heads: [u32; WHEEL_SLOTS + 1],
+    /// Wakers taken while the wheel is borrowed, woken after; kept for its capacity.
+    wake_buf: Vec<Waker>,
+}
+
+impl Inner {
+    fn link(&mut self, key: u32, list: u16) {
+        let head = self.heads[list as usize];
+        {
+            let e = &mut self.entries[key as usize];
+            e.prev = NIL;
+            e.next = head;
+            e.list = list;
+        }
+        if head != NIL {
+            self.entries[head as usize].prev = key;
+        }
+        self.heads[list as usize] = key;
+    }
+
+    fn unlink(&mut self, key: u32) {
+        let (prev, next, list) = {
+            let e = &self.entries[key as usize];
+            (e.prev, e.next, e.list)
+        };
+        if list == UNLINKED {
+            return;
+        }
+        if prev == NIL {
+            self.heads[list as usize] = next;
+        } else {
+            self.entries[prev as usize].next = next;
+        }
+        if next != NIL {
+            self.entries[next as usize].prev = prev;
+        }
+        let e = &mut self.entries[key as usize];
+        e.prev = NIL;
+        e.next = NIL;
+        e.list = UNLINKED;
+    }
+
+    fn place(&mut self, key: u32, cursor: u64) {
+        let due = self.entries[key as usize].due_tick.max(cursor + 1);
+        let list = if due - cursor < WHEEL_SLOTS as u64 {
+            (due % WHEEL_SLOTS as u64) as u16
+        } else {
+            FAR
+        };
+        self.link(key, list);
+    }
+
+    /// Fires `key` (already known armed and unfired): unlinks it and keeps its waker.
+    fn fire(&mut self, key: u32, wakers: &mut Vec<Waker>) {
+        self.unlink(key);
+        let e = &mut self.entries[key as usize];
+        e.fired = true;
+        if let Some(w) = e.waker.take() {
+            wakers.push(w);
+        }
+    }
+}
+
+/// The wheel. Single-threaded: it lives in the worker. Registering, dropping and firing a
+/// deadline are O(1) and allocate nothing once the slab has grown to the most deadlines held
+/// at once.
 #[derive(Debug)]
 pub struct Deadlines {
     start: Instant,
     /// Last tick processed.
     cursor: Cell<u64>,
-    entries: RefCell<Vec<Entry>>,
-    free: RefCell<Vec<u32>>,
-    wheel: RefCell<Vec<Vec<(u32, u32)>>>,
-    far: RefCell<Vec<(u32, u32)>>,
+    inner: RefCell<Inner>,
 }
 
 impl Default for Deadlines {
@@ -52,10 +132,12 @@ impl Deadlines {
         Self {
             start,
             cursor: Cell::new(0),
-            entries: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
-            wheel: RefCell::new((0..WHEEL_SLOTS).map(|_| Vec::new()).collect()),
-            far: RefCell::new(Vec::new()),
+            inner: RefCell::new(Inner {
+                entries: Vec::new(),
+                free_head: NIL,
+                heads: [NIL; WHEEL_SLOTS + 1],
+                wake_buf: Vec::new(),
+            }),
         }
     }
 
@@ -67,32 +149,39 @@ impl Deadlines {
 
     /// A future that resolves once `deadline` has passed (at the next tick after it).
     pub fn at(&self, deadline: Instant) -> Deadline<'_> {
-        let due_tick = self.tick_of(deadline).max(self.cursor.get() + 1);
-        let mut entries = self.entries.borrow_mut();
-        let key = match self.free.borrow_mut().pop() {
-            Some(k) => {
-                let e = &mut entries[k as usize];
-                e.generation = e.generation.wrapping_add(1);
-                e.due_tick = due_tick;
-                e.armed = true;
-                e.fired = false;
-                e.waker = None;
-                k
-            }
-            None => {
-                entries.push(Entry {
-                    due_tick,
-                    generation: 0,
-                    armed: true,
-                    fired: false,
-                    waker: None,
-                });
-                (entries.len() - 1) as u32
-            }
+        let cursor = self.cursor.get();
+        let due_tick = self.tick_of(deadline).max(cursor + 1);
+        let mut inner = self.inner.borrow_mut();
+        let key = if inner.free_head != NIL {
+            let k = inner.free_head;
+            let e = &mut inner.entries[k as usize];
+            let next_free = e.next;
+            e.generation = e.generation.wrapping_add(1);
+            e.due_tick = due_tick;
+            e.armed = true;
+            e.fired = false;
+            e.waker = None;
+            e.prev = NIL;
+            e.next = NIL;
+            e.list = UNLINKED;
+            inner.free_head = next_free;
+            k
+        } else {
+            assert!(inner.entries.len() < NIL as usize, "deadline slab full");
+            inner.entries.push(Entry {
+                due_tick,
+                generation: 0,
+                armed: true,
+                fired: false,
+                waker: None,
+                prev: NIL,
+                next: NIL,
+                list: UNLINKED,
+            });
+            (inner.entries.len() - 1) as u32
         };
-        let generation = entries[key as usize].generation;
-        drop(entries);
-        self.place(key, generation, due_tick);
+        inner.place(key, cursor);
+        let generation = inner.entries[key as usize].generation;
         Deadline {
             owner: self,
             key,
@@ -105,21 +194,15 @@ impl Deadlines {
         self.at(Instant::now() + d)
     }
 
-    fn place(&self, key: u32, generation: u32, due_tick: u64) {
-        if due_tick - self.cursor.get() < WHEEL_SLOTS as u64 {
-            self.wheel.borrow_mut()[(due_tick % WHEEL_SLOTS as u64) as usize]
-                .push((key, generation));
-        } else {
-            self.far.borrow_mut().push((key, generation));
-        }
-    }
-
     /// Processes every tick up to `now`, waking expired waiters. Called by the housekeeping
     /// task every `TICK`.
     pub fn advance(&self, now: Instant) {
         let target = now.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos();
         let target = target as u64;
-        // After a long stall, do not walk more than one turn tick by tick.
+        let mut inner = self.inner.borrow_mut();
+        let mut wakers = std::mem::take(&mut inner.wake_buf);
+        // After a long stall, do not walk more than one turn tick by tick: every slot is
+        // visited once, and what was due in the skipped ticks is due now.
         if target > self.cursor.get() + WHEEL_SLOTS as u64 {
             self.cursor.set(target - WHEEL_SLOTS as u64);
         }
@@ -127,65 +210,49 @@ impl Deadlines {
             let t = self.cursor.get() + 1;
             self.cursor.set(t);
             let slot = (t % WHEEL_SLOTS as u64) as usize;
-            let due = std::mem::take(&mut self.wheel.borrow_mut()[slot]);
-            let mut keep = Vec::new();
-            for (key, generation) in due {
-                let mut entries = self.entries.borrow_mut();
-                let Some(e) = entries.get_mut(key as usize) else {
-                    continue;
-                };
-                if e.generation != generation || !e.armed {
-                    continue;
+            let mut key = inner.heads[slot];
+            while key != NIL {
+                let next = inner.entries[key as usize].next;
+                // Everything in a visited slot is due (placement keeps deadlines within one
+                // turn of the cursor); the check guards the invariant.
+                if inner.entries[key as usize].due_tick <= t {
+                    inner.fire(key, &mut wakers);
                 }
-                if e.due_tick <= t {
-                    e.fired = true;
-                    if let Some(w) = e.waker.take() {
-                        drop(entries);
-                        w.wake();
-                    }
-                } else {
-                    keep.push((key, generation));
-                }
-            }
-            if !keep.is_empty() {
-                let mut wheel = self.wheel.borrow_mut();
-                // Left over from a skipped stall: still due later in this turn or beyond.
-                for k in keep {
-                    wheel[slot].push(k);
-                }
+                key = next;
             }
             if t.is_multiple_of(WHEEL_SLOTS as u64) {
-                self.refile_far();
+                // Far deadlines now within one turn move into the wheel.
+                let mut key = inner.heads[FAR as usize];
+                while key != NIL {
+                    let next = inner.entries[key as usize].next;
+                    let due = inner.entries[key as usize].due_tick;
+                    if due <= t || due - t < WHEEL_SLOTS as u64 {
+                        inner.unlink(key);
+                        inner.place(key, t);
+                    }
+                    key = next;
+                }
             }
         }
-    }
-
-    /// Moves far deadlines that are now within one turn into the wheel.
-    fn refile_far(&self) {
-        let far = std::mem::take(&mut *self.far.borrow_mut());
-        for (key, generation) in far {
-            let due = {
-                let entries = self.entries.borrow();
-                match entries.get(key as usize) {
-                    Some(e) if e.generation == generation && e.armed => e.due_tick,
-                    _ => continue,
-                }
-            };
-            self.place(key, generation, due.max(self.cursor.get() + 1));
+        drop(inner);
+        // Woken outside the borrow: a waker may run code that registers or drops deadlines.
+        for w in wakers.drain(..) {
+            w.wake();
         }
+        self.inner.borrow_mut().wake_buf = wakers;
     }
 
     /// Fires every armed deadline now (shutdown).
     pub fn fire_all(&self) {
+        let mut inner = self.inner.borrow_mut();
         let mut wakers = Vec::new();
-        for e in self.entries.borrow_mut().iter_mut() {
+        for key in 0..inner.entries.len() as u32 {
+            let e = &inner.entries[key as usize];
             if e.armed && !e.fired {
-                e.fired = true;
-                if let Some(w) = e.waker.take() {
-                    wakers.push(w);
-                }
+                inner.fire(key, &mut wakers);
             }
         }
+        drop(inner);
         for w in wakers {
             w.wake();
         }
@@ -193,7 +260,12 @@ impl Deadlines {
 
     /// Deadlines registered and not yet dropped.
     pub fn armed(&self) -> usize {
-        self.entries.borrow().iter().filter(|e| e.armed).count()
+        self.inner
+            .borrow()
+            .entries
+            .iter()
+            .filter(|e| e.armed)
+            .count()
     }
 }
 
@@ -209,8 +281,8 @@ impl Future for Deadline<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut entries = self.owner.entries.borrow_mut();
-        let e = &mut entries[self.key as usize];
+        let mut inner = self.owner.inner.borrow_mut();
+        let e = &mut inner.entries[self.key as usize];
         debug_assert_eq!(e.generation, self.generation);
         if e.fired {
             return Poll::Ready(());
@@ -225,15 +297,24 @@ impl Future for Deadline<'_> {
 
 impl Drop for Deadline<'_> {
     fn drop(&mut self) {
-        let mut entries = self.owner.entries.borrow_mut();
-        if let Some(e) = entries.get_mut(self.key as usize)
-            && e.generation == self.generation
-        {
-            e.armed = false;
-            e.waker = None;
-            drop(entries);
-            self.owner.free.borrow_mut().push(self.key);
+        let mut inner = self.owner.inner.borrow_mut();
+        let key = self.key;
+        let Some(e) = inner.entries.get(key as usize) else {
+            return;
+        };
+        if e.generation != self.generation || !e.armed {
+            return;
         }
+        inner.unlink(key);
+        let free_head = inner.free_head;
+        let e = &mut inner.entries[key as usize];
+        e.armed = false;
+        // Dropped after the borrow ends (a waker's drop may run arbitrary code).
+        let waker = e.waker.take();
+        e.next = free_head;
+        inner.free_head = key;
+        drop(inner);
+        drop(waker);
     }
 }
 
@@ -300,7 +381,7 @@ mod tests {
             assert!(!poll(&mut d, &mut cx));
         }
         assert_eq!(
-            dl.entries.borrow().len(),
+            dl.inner.borrow().entries.len(),
             1,
             "one slot reused a thousand times"
         );
@@ -314,5 +395,49 @@ mod tests {
         dl.fire_all();
         assert_eq!(count.0.load(Ordering::Relaxed), 10);
         assert!(ds.iter_mut().all(|d| poll(d, &mut cx)));
+    }
+
+    #[test]
+    fn dropping_from_the_middle_of_a_slot_keeps_the_rest() {
+        let t0 = Instant::now();
+        let dl = Deadlines::new(t0);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Ten deadlines in one slot and ten in the far list; drop every other one.
+        let near = t0 + Duration::from_millis(40);
+        let far = t0 + TICK * (WHEEL_SLOTS as u32 + 10);
+        let mut ds: Vec<_> = (0..20)
+            .map(|i| Box::pin(dl.at(if i < 10 { near } else { far })))
+            .collect();
+        for d in ds.iter_mut() {
+            assert!(!poll(d, &mut cx));
+        }
+        let mut kept: Vec<_> = ds
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, d)| (i % 2 == 0).then_some(d))
+            .collect();
+        assert_eq!(dl.armed(), 10);
+        dl.advance(t0 + Duration::from_millis(50));
+        assert_eq!(count.0.load(Ordering::Relaxed), 5);
+        assert!(kept[..5].iter_mut().all(|d| poll(d, &mut cx)));
+        let mut t = t0;
+        while t < far + TICK * 2 {
+            t += TICK;
+            dl.advance(t);
+        }
+        assert_eq!(count.0.load(Ordering::Relaxed), 10);
+        assert!(kept[5..].iter_mut().all(|d| poll(d, &mut cx)));
+        drop(kept);
+        assert_eq!(dl.armed(), 0);
+        // Dropped and fired entries are reused: no growth past the most held at once.
+        for _ in 0..100 {
+            let a = dl.after(Duration::from_secs(1));
+            let b = dl.after(Duration::from_secs(100));
+            drop(a);
+            drop(b);
+        }
+        assert_eq!(dl.inner.borrow().entries.len(), 20);
     }
 }

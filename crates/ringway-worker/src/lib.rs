@@ -24,6 +24,7 @@ pub mod parking;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod route;
 pub mod runtime;
 pub mod settings;

@@ -44,6 +44,9 @@ pub struct Settings {
     pub retry_idempotent: bool,
 
     pub trusted_proxies: Vec<Cidr>,
+    /// PROXY protocol headers are read from connections of these peers (and required).
+    pub proxy_protocol: bool,
+    pub proxy_protocol_from: Vec<Cidr>,
     pub request_id_in_response: bool,
     pub security_headers: Vec<AddedHeader>,
 
@@ -58,6 +61,8 @@ impl Settings {
         let ms = Duration::from_millis;
         let t = &c.timeouts;
         Self {
+            proxy_protocol: c.listen.proxy_protocol,
+            proxy_protocol_from: c.listen.proxy_protocol_from.clone(),
             challenge_keys: crate::challenge::Keys::new(&c.policy.challenge_keys),
             session_idle_s: c.policy.session_idle_s,
             visitor_ttl_s: c.policy.visitor_ttl_s,

@@ -113,6 +113,12 @@ pub enum HandshakeError {
 }
 
 impl TlsConn {
+    /// Bytes already read from the socket (after a PROXY protocol header) that belong to the
+    /// TLS stream: rustls reads them first.
+    pub fn prime(&mut self, bytes: &[u8]) {
+        self.rin.extend_from_slice(bytes);
+    }
+
     /// Wraps an accepted socket; the handshake has not started.
     pub fn new(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
         Ok(Self::from_parts(

@@ -127,7 +127,18 @@ impl TlsClient {
         config: &Arc<rustls::ClientConfig>,
         sni: &str,
     ) -> Result<TlsClient, rustls::Error> {
-        let tcp = TcpStream::connect(addr).unwrap();
+        Self::connect_after(addr, config, sni, b"")
+    }
+
+    /// Sends `preamble` (a PROXY protocol header, say) on the socket, then handshakes.
+    pub fn connect_after(
+        addr: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+        sni: &str,
+        preamble: &[u8],
+    ) -> Result<TlsClient, rustls::Error> {
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        tcp.write_all(preamble).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let name = ServerName::try_from(sni.to_string()).unwrap();
         let conn = rustls::ClientConnection::new(config.clone(), name)?;

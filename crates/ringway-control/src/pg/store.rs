@@ -215,7 +215,18 @@ async fn load_policies(
             }
             let (key, name) = match (project, &host) {
                 (Some(p), None) => (PolicyKey::Project(p), format!("project {p}")),
-                (None, Some(h)) => (PolicyKey::Host(h.clone()), format!("host {h}")),
+                (None, Some(h)) => {
+                    // As the routes file does: one host, normalised as requests' hosts are.
+                    let n = ringway_core::route::normalize_pattern(h)
+                        .map_err(|e| format!("hostname {h:?}: {e}"))?;
+                    if n.starts_with('*') {
+                        return Err(format!(
+                            "hostname {h:?}: a host policy names one host, not a wildcard"
+                        ));
+                    }
+                    spec.host = Some(n.clone());
+                    (PolicyKey::Host(n.clone()), format!("host {n}"))
+                }
                 _ => return Err("names neither a project nor a host".to_string()),
             };
             let policy = spec.build(&name)?;
@@ -499,6 +510,7 @@ impl PgStore {
                 }
                 Err(why) => {
                     // A policy refused now keeps the version in force, if any.
+                    ControlStats::inc(&self.stats.policy_refusals);
                     tracing::error!("access policy {id} refused: {why}");
                     if let Some(prev) = self.model.policies.get(&id) {
                         policies.insert(id, prev.clone());
@@ -657,32 +669,44 @@ impl PgStore {
             ids.sort_unstable();
             ids.dedup();
             let loaded = load_policies(&conn.client, Some(&ids)).await?;
+            // Keys whose published policy may change. What is published for each is decided
+            // after every row is applied: a policy deleted and another inserted for the same
+            // project in one batch must leave the new one in force, whatever the order.
+            let mut touched: HashSet<PolicyKey> = HashSet::new();
             let mut present = HashSet::new();
             for (id, r) in loaded {
                 present.insert(id);
                 match r {
                     Ok((key, spec, policy)) => {
-                        // Moved from a project or host to another: unpublish the old key.
-                        if let Some((old, _, _)) = self.model.policies.get(&id)
-                            && *old != key
-                        {
-                            ch.policy_changes.push((old.clone(), None));
+                        if let Some((old, _, _)) = self.model.policies.get(&id) {
+                            touched.insert(old.clone());
                         }
-                        ch.policy_changes.push((key.clone(), Some(policy.clone())));
+                        touched.insert(key.clone());
                         self.model.policies.insert(id, (key, spec, policy));
                     }
-                    Err(why) => tracing::error!(
-                        "access policy {id} refused: {why}; the version in force stays"
-                    ),
+                    Err(why) => {
+                        ControlStats::inc(&self.stats.policy_refusals);
+                        tracing::error!(
+                            "access policy {id} refused: {why}; the version in force stays"
+                        )
+                    }
                 }
             }
             for id in ids {
                 if !present.contains(&id)
                     && let Some((key, _, _)) = self.model.policies.remove(&id)
                 {
-                    ch.policy_changes.push((key, None));
+                    touched.insert(key);
                 }
             }
+            let mut publish: HashMap<PolicyKey, Option<Arc<Policy>>> =
+                touched.into_iter().map(|k| (k, None)).collect();
+            for (key, _, policy) in self.model.policies.values() {
+                if let Some(slot) = publish.get_mut(key) {
+                    *slot = Some(policy.clone());
+                }
+            }
+            ch.policy_changes.extend(publish);
         }
         ControlStats::inc(&self.stats.incremental_loads);
         Ok(ch)
@@ -765,6 +789,19 @@ impl PgStore {
 impl RouteStore for PgStore {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    async fn finish(&mut self) {
+        // A write in flight may predate the last change; wait for it, then write what is owed.
+        if let Some(t) = self.snapshot_task.take() {
+            let _ = t.await;
+        }
+        if self.snapshot_due.is_some() {
+            self.write_snapshot();
+            if let Some(t) = self.snapshot_task.take() {
+                let _ = t.await;
+            }
+        }
     }
 
     async fn next(&mut self) -> Result<StoreEvent, StoreError> {
