@@ -244,6 +244,34 @@ fn rate_limit_holds_across_workers_within_ten_percent() {
     }
 }
 
+#[test]
+fn rate_limits_by_prefix_path_and_ipv6_network() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\n[[policy.rate_limit]]\nrps = 1\npath_prefix = \"/api/\"\nper_path = true\n",
+    );
+    let p = TestProxy::start_with(&routes, trusting_loopback);
+    let from =
+        |ip: &str, path: &str| get_with(&p, &format!("X-Forwarded-For: {ip}\r\n"), path).status;
+    assert_eq!(from("2001:db8:1:2::1", "/api/a"), 200);
+    let r = get_with(&p, "X-Forwarded-For: 2001:db8:1:2::1\r\n", "/api/a");
+    assert_eq!(r.status, 429);
+    assert!(
+        r.header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().unwrap() >= 1)
+    );
+    // Another path under the prefix has its own budget (per_path).
+    assert_eq!(from("2001:db8:1:2::1", "/api/b"), 200);
+    // Another address in the same /64 is the same client; another /64 is not.
+    assert_eq!(from("2001:db8:1:2:ffff::7", "/api/a"), 429);
+    assert_eq!(from("2001:db8:1:3::1", "/api/a"), 200);
+    // Paths outside the prefix are neither counted nor limited.
+    for _ in 0..5 {
+        assert_eq!(from("2001:db8:1:2::1", "/other"), 200);
+    }
+}
+
 /// The nonce in a challenge page.
 fn nonce_of(page: &str) -> String {
     let start = page.find("const n=\"").expect("a nonce") + 9;
@@ -294,6 +322,17 @@ fn challenge_solved_by_a_client_and_passes_checked() {
     assert!(origin.requests().is_empty());
     // APIs are exempt.
     assert_eq!(get_with(&p, "", "/api/orders").status, 200);
+    // HEAD gets the head alone, and the connection stays usable.
+    let mut c = Conn::connect(p.addr);
+    c.send(b"HEAD /shop HTTP/1.1\r\nHost: app.test\r\n\r\nGET /api/x HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    let h = c.read_response(true).unwrap();
+    assert_eq!(h.status, 403);
+    assert!(h.body.is_empty());
+    assert_eq!(
+        c.read_response(false).unwrap().status,
+        200,
+        "framing intact after HEAD"
+    );
 
     // Solve it as the page would and come back.
     let n = nonce_of(&page);

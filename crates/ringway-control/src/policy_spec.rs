@@ -15,7 +15,7 @@
 //! rps = 10
 //! burst = 20
 //! path_prefix = "/api/"           # optional: only these requests count
-//! per_path = false                # key by client and prefix (else by client)
+//! per_path = false                # a budget per request path (else one for the prefix)
 //!
 //! [policy.challenge]
 //! when = "always"                 # or "on_match" with the three below
@@ -238,6 +238,33 @@ impl PolicySpec {
                 if c.pass_ttl_s < 60 {
                     return Err(at("challenge pass_ttl_s must be at least 60".into()));
                 }
+                // The same rules as block patterns: an empty user agent would match every
+                // request, an empty or relative path prefix every path.
+                if c.user_agents.len() + c.path_prefixes.len() + c.exempt_paths.len()
+                    > BLOCK_RULES_MAX
+                {
+                    return Err(at(format!(
+                        "challenge: at most {BLOCK_RULES_MAX} user agents and paths together"
+                    )));
+                }
+                if c.user_agents.iter().any(|u| u.is_empty()) {
+                    return Err(at("challenge user_agents: an empty pattern".into()));
+                }
+                if let Some(bad) = c
+                    .path_prefixes
+                    .iter()
+                    .chain(&c.exempt_paths)
+                    .find(|p| !p.starts_with('/'))
+                {
+                    return Err(at(format!(
+                        "challenge paths must start with /, not {bad:?}"
+                    )));
+                }
+                if c.rate_above_rps.is_some_and(|r| r == 0 || r > RATE_RPS_MAX) {
+                    return Err(at(format!(
+                        "challenge rate_above_rps must be between 1 and {RATE_RPS_MAX}"
+                    )));
+                }
                 let when = match c.when {
                     WhenSpec::Always => ChallengeWhen::Always,
                     WhenSpec::OnMatch => {
@@ -250,7 +277,7 @@ impl PolicySpec {
                         ChallengeWhen::OnMatch {
                             user_agents: bytes_list(&c.user_agents, true),
                             path_prefixes: bytes_list(&c.path_prefixes, false),
-                            rate_above_rps: c.rate_above_rps.filter(|r| *r > 0),
+                            rate_above_rps: c.rate_above_rps,
                         }
                     }
                 };
@@ -275,7 +302,7 @@ impl PolicySpec {
             allow: cidrs(&self.allow, &format!("policy {name}: allow"))?,
             deny: cidrs(&self.deny, &format!("policy {name}: deny"))?,
             block_user_agents: bytes_list(&self.block_user_agents, true),
-            block_paths: bytes_list(&self.block_paths, false),
+            block_paths: bytes_list(&self.block_paths, true),
             rate_limits: rate_limits.into(),
             challenge,
             visitor_cookies: self.visitor_cookies,
@@ -358,6 +385,10 @@ mod tests {
             "project_id = 1\nblock_paths = [\"wp-admin\"]",
             "project_id = 1\n[[rate_limit]]\nrps = 0",
             "project_id = 1\n[[rate_limit]]\nrps = 1000001",
+            "project_id = 1\n[challenge]\nwhen = \"on_match\"\nrate_above_rps = 0",
+            "project_id = 1\n[challenge]\nexempt_paths = [\"\"]",
+            "project_id = 1\n[challenge]\nwhen = \"on_match\"\npath_prefixes = [\"login\"]",
+            "project_id = 1\n[challenge]\nwhen = \"on_match\"\nuser_agents = [\"\"]",
             "project_id = 1\n[[rate_limit]]\nrps = 10\nburst = 1000001",
             "project_id = 1\n[challenge]\ndifficulty_bits = 40",
             "project_id = 1\n[challenge]\nwhen = \"on_match\"",

@@ -151,7 +151,8 @@ pub struct RateRule {
     pub burst: u32,
     /// Only requests under this path prefix count (and are limited); None: all.
     pub path_prefix: Option<Box<[u8]>>,
-    /// Key by client IP and this rule's path prefix (else by client IP alone).
+    /// Key by client and the request's path (each path under the prefix has its own budget);
+    /// else by client alone (all paths under the prefix share one).
     pub per_path: bool,
 }
 
@@ -165,7 +166,8 @@ pub struct Policy {
     pub deny: IpSet,
     /// Lower-case substrings of User-Agent that are refused.
     pub block_user_agents: Box<[Box<[u8]>]>,
-    /// Path prefixes that are refused.
+    /// Lower-case path prefixes that are refused (matched ignoring case, against the
+    /// normalised path).
     pub block_paths: Box<[Box<[u8]>]>,
     pub rate_limits: Box<[RateRule]>,
     pub challenge: Option<Challenge>,
@@ -201,7 +203,8 @@ impl Policy {
         }
     }
 
-    /// The block rule a request hits, if any: `"user_agent"` or `"path"`.
+    /// The block rule a request hits, if any: `"blocked_user_agent"` or `"blocked_path"`.
+    /// `path` is the normalised path (`normalize_path`).
     pub fn blocked(&self, user_agent: &[u8], path: &[u8]) -> Option<&'static str> {
         if self
             .block_user_agents
@@ -210,13 +213,14 @@ impl Policy {
         {
             return Some("blocked_user_agent");
         }
-        if self.block_paths.iter().any(|p| path.starts_with(p)) {
+        if self.block_paths.iter().any(|p| starts_with_ci(path, p)) {
             return Some("blocked_path");
         }
         None
     }
 
-    /// Whether nothing is enforced (the worker skips the phase).
+    /// Whether nothing is enforced: such a policy still replaces its project's for a host
+    /// (an exemption), so stores keep it; tests and tools use this to say so.
     pub fn is_noop(&self) -> bool {
         self.ip_mode == IpMode::DenyList
             && self.deny.is_empty()
@@ -226,6 +230,103 @@ impl Policy {
             && self.challenge.is_none()
             && !self.visitor_cookies
     }
+}
+
+/// Longest path the policy phase normalises (the request line limit, 8 KiB, bounds real
+/// ones); a longer one is matched as it came.
+pub const POLICY_PATH_BYTES_MAX: usize = 8192;
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Whether `normalize_path` would change anything (most paths: no, and the caller can skip
+/// the buffer).
+#[inline]
+pub fn path_needs_normalizing(path: &[u8]) -> bool {
+    path.contains(&b'%') || path.windows(2).any(|w| w == b"//" || w == b"/.")
+}
+
+/// The path as an upstream would resolve it, for the policy's prefix rules (block paths,
+/// rate-limit prefixes, challenge paths and exemptions): percent-encoded unreserved
+/// characters decoded (RFC 3986 §6.2.2.2), `//` collapsed, `.` and `..` segments removed
+/// (§5.2.4). Without it `/%77p-admin`, `//wp-admin` or `/api/../shop` would slip past a rule
+/// that the upstream then serves anyway. Encoded `/` (`%2F`) stays encoded, as most servers
+/// keep it. Returns `path` itself when there is nothing to do.
+pub fn normalize_path<'a>(path: &'a [u8], buf: &'a mut [u8; POLICY_PATH_BYTES_MAX]) -> &'a [u8] {
+    if !path_needs_normalizing(path) || path.len() > buf.len() {
+        return path;
+    }
+    let mut o = 0usize;
+    // Start of the segment being written (just after its slash).
+    let mut seg = 0usize;
+    let mut i = 0usize;
+    // Closes the segment out[seg..o]: drops `.`, and `..` with the segment before it.
+    let close = |buf: &mut [u8; POLICY_PATH_BYTES_MAX], o: &mut usize, seg: usize| {
+        let s = &buf[seg..*o];
+        if s == b"." {
+            *o = seg;
+        } else if s == b".." {
+            *o = seg;
+            if *o >= 2 {
+                // Back over the slash ending the previous segment, then to its start.
+                let prev = buf[..*o - 1]
+                    .iter()
+                    .rposition(|&b| b == b'/')
+                    .map_or(0, |p| p + 1);
+                *o = prev.max(1);
+            }
+        }
+    };
+    while i < path.len() {
+        let mut c = path[i];
+        let mut step = 1;
+        if c == b'%'
+            && i + 2 < path.len()
+            && let (Some(h), Some(l)) = (hex_val(path[i + 1]), hex_val(path[i + 2]))
+            && unreserved(h << 4 | l)
+        {
+            c = h << 4 | l;
+            step = 3;
+        }
+        i += step;
+        if c == b'/' {
+            close(buf, &mut o, seg);
+            if o == 0 || buf[o - 1] != b'/' {
+                buf[o] = b'/';
+                o += 1;
+            }
+            seg = o;
+        } else {
+            buf[o] = c;
+            o += 1;
+        }
+    }
+    close(buf, &mut o, seg);
+    if o == 0 {
+        buf[0] = b'/';
+        o = 1;
+    }
+    &buf[..o]
+}
+
+/// Whether `hay` starts with `prefix` ignoring ASCII case; `prefix` is lower case.
+#[inline]
+pub fn starts_with_ci(hay: &[u8], prefix: &[u8]) -> bool {
+    hay.len() >= prefix.len()
+        && hay
+            .iter()
+            .zip(prefix)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b)
 }
 
 type Map<K> = papaya::HashMap<K, Arc<Policy>, RandomState>;
@@ -449,9 +550,15 @@ impl RateLimiter {
     }
 }
 
-/// The rate-limit key of a client under a rule (and path prefix).
+/// Bytes of the request path a per-path rate key covers: longer paths share the key of their
+/// first `RATE_KEY_PATH_BYTES_MAX` bytes.
+pub const RATE_KEY_PATH_BYTES_MAX: usize = 256;
+
+/// The rate-limit key of a client under a rule (and, for per-path rules, the request path).
+/// An IPv6 client is its /64: one subscriber usually holds a whole /64, and keying by the full
+/// address would let it spread over 2^64 keys.
 #[inline]
-pub fn rate_key(rule: u32, project: i64, ip: IpAddr, path_prefix: Option<&[u8]>) -> u64 {
+pub fn rate_key(rule: u32, project: i64, ip: IpAddr, path: Option<&[u8]>) -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // A fixed seed: every worker must compute the same key.
     let mut h = foldhash::fast::FixedState::with_seed(0x7269_6e67).build_hasher();
@@ -459,10 +566,10 @@ pub fn rate_key(rule: u32, project: i64, ip: IpAddr, path_prefix: Option<&[u8]>)
     h.write_i64(project);
     match canonical(ip) {
         IpAddr::V4(a) => h.write_u32(u32::from(a)),
-        IpAddr::V6(a) => h.write_u128(u128::from(a)),
+        IpAddr::V6(a) => h.write_u64((u128::from(a) >> 64) as u64),
     }
-    if let Some(p) = path_prefix {
-        h.write(p);
+    if let Some(p) = path {
+        h.write(&p[..p.len().min(RATE_KEY_PATH_BYTES_MAX)]);
     }
     h.finish()
 }
@@ -577,6 +684,20 @@ mod tests {
         let k2 = rate_key(1, 7, "1.2.3.5".parse().unwrap(), None);
         assert_eq!(l.check(k2, 10, 5, t), RateDecision::Allow);
         assert_ne!(k, rate_key(2, 7, "1.2.3.4".parse().unwrap(), None));
+        // IPv6: one key per /64; per-path rules: one per path.
+        let v6 = |s: &str| rate_key(1, 7, s.parse().unwrap(), None);
+        assert_eq!(v6("2001:db8:1:2::1"), v6("2001:db8:1:2:ffff::9"));
+        assert_ne!(v6("2001:db8:1:2::1"), v6("2001:db8:1:3::1"));
+        let ip = "1.2.3.4".parse().unwrap();
+        assert_ne!(
+            rate_key(1, 7, ip, Some(b"/api/a")),
+            rate_key(1, 7, ip, Some(b"/api/b"))
+        );
+        assert_eq!(
+            rate_key(1, 7, ip, Some(&[b'a'; 300])),
+            rate_key(1, 7, ip, Some(&[b'a'; 400])),
+            "long paths share their first {RATE_KEY_PATH_BYTES_MAX} bytes"
+        );
     }
 
     #[test]
@@ -611,5 +732,42 @@ mod tests {
         assert_eq!(l.overflows.load(Ordering::Relaxed), 1);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(l.sweep(0), 0);
+    }
+
+    #[test]
+    fn paths_are_normalised_as_an_upstream_would() {
+        let n = |p: &str| {
+            let mut buf = [0u8; POLICY_PATH_BYTES_MAX];
+            String::from_utf8(normalize_path(p.as_bytes(), &mut buf).to_vec()).unwrap()
+        };
+        for (raw, want) in [
+            ("/wp-admin/x", "/wp-admin/x"),
+            ("//wp-admin", "/wp-admin"),
+            ("/%77p-admin", "/wp-admin"),
+            ("/%2e%2E/wp-admin", "/wp-admin"),
+            ("/a/./b", "/a/b"),
+            ("/a/../b", "/b"),
+            ("/../../x", "/x"),
+            ("/a/b/..", "/a/"),
+            ("/a/..", "/"),
+            ("/api/..//shop", "/shop"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/100%", "/100%"),
+            ("/%zz", "/%zz"),
+            ("/...", "/..."),
+            ("/.well-known/x", "/.well-known/x"),
+        ] {
+            assert_eq!(n(raw), want, "{raw}");
+        }
+        let p = Policy {
+            block_paths: vec![b"/wp-admin".to_vec().into_boxed_slice()].into(),
+            ..Policy::default()
+        };
+        let mut buf = [0u8; POLICY_PATH_BYTES_MAX];
+        for raw in ["/WP-Admin/", "//wp-admin", "/x/../%77p-admin"] {
+            let path = normalize_path(raw.as_bytes(), &mut buf);
+            assert_eq!(p.blocked(b"", path), Some("blocked_path"), "{raw}");
+        }
+        assert_eq!(p.blocked(b"", b"/wp-login"), None);
     }
 }

@@ -4,7 +4,8 @@
 //! Forwarding headers from an untrusted peer are ignored and replaced: anyone can send
 //! `X-Forwarded-For: 10.0.0.1`. From a trusted proxy (configured CIDRs) they are believed, and
 //! the client is the rightmost address in X-Forwarded-For that is not itself a trusted proxy.
-//! IP rules and challenges (later) hook in at this phase.
+//! The policy phase (`policy.rs`, after routing) checks its rules against the address decided
+//! here.
 
 use ringway_core::Cidr;
 use ringway_core::cidr::{any_contains, canonical};

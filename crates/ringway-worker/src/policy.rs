@@ -3,8 +3,9 @@
 //! challenge (a page, or the pass cookie that skips it), then visitor and session ids.
 //!
 //! Everything is read from the lock-free policy table under one epoch pin; rate limits update
-//! one atomic word per (client, rule) shared by the workers. No lock, no allocation: answers
-//! are written into the exchange's output buffer, cookies into a fixed buffer in `Ids`.
+//! one atomic word per (client, rule) shared by the workers. No lock. A request that passes
+//! allocates nothing (cookies go into a fixed buffer in `Ids`); the challenge's own answers
+//! (page, pass cookie) build small buffers, which only challenged requests pay for.
 
 use crate::challenge::{self, Keys};
 use ringway_core::policy::{ChallengeWhen, Policy, RateDecision, rate_key};
@@ -144,7 +145,7 @@ pub fn evaluate(
             rule.id,
             f.project,
             f.ip,
-            if rule.per_path { prefix } else { None },
+            if rule.per_path { Some(f.path) } else { None },
         );
         if let RateDecision::Limit { retry_after_us } =
             limiter.check(key, rule.rps, rule.burst, f.now_us)

@@ -884,12 +884,22 @@ fn policy_phase<S: ClientIo>(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // Prefix rules see the path as the upstream will resolve it (`/%77p-admin`,
+    // `//wp-admin` and `/x/../wp-admin` are all `/wp-admin`). Most paths need nothing, and
+    // skip the buffer.
+    let mut path_buf;
+    let path = if ringway_core::policy::path_needs_normalizing(r.path()) {
+        path_buf = [0u8; ringway_core::policy::POLICY_PATH_BYTES_MAX];
+        ringway_core::policy::normalize_path(r.path(), &mut path_buf)
+    } else {
+        r.path()
+    };
     let facts = crate::policy::Facts {
         host: host.as_bytes(),
         project: target.ids.project_id,
         ip: ex.client_ip,
         user_agent: r.header("user-agent").unwrap_or(b""),
-        path: r.path(),
+        path,
         cookies,
         now_unix,
         now_us: w.limiter.now_us(),
@@ -939,7 +949,10 @@ fn policy_phase<S: ClientIo>(
             hw.header_u64(b"Content-Length", body.len() as u64);
             finish_head(&mut hw, ex);
             hw.finish();
-            out.extend_from_slice(body);
+            // HEAD: the head says what a GET would get, and no body follows.
+            if !ex.head_request {
+                out.extend_from_slice(body);
+            }
             return Err(PolicyStop::Answer {
                 status: 429,
                 reason: "rate_limited",
@@ -1055,7 +1068,9 @@ fn policy_phase<S: ClientIo>(
             hw.header_u64(b"Content-Length", page.len() as u64);
             finish_head(&mut hw, ex);
             hw.finish();
-            out.extend_from_slice(&page);
+            if !ex.head_request {
+                out.extend_from_slice(&page);
+            }
             w.bufs.put(page);
             return Err(PolicyStop::Answer {
                 status: 403,
