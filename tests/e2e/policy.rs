@@ -425,7 +425,8 @@ fn challenge_page_script_solves_itself_in_node() {
     let page = get_with(&p, "", "/landing").text();
     let script = &page[page.find("<script>").unwrap() + 8..page.find("</script>").unwrap()];
     // Just enough of a browser for the page: where it navigates is printed.
-    let shim = "globalThis.self = globalThis; globalThis.document = { body: {} }; globalThis.location = { replace(u) { console.log(u); } };\n";
+    // (Node 18 has WebCrypto only as a module; 19 and later as browsers do.)
+    let shim = "if (!globalThis.crypto) globalThis.crypto = require('node:crypto').webcrypto; globalThis.self = globalThis; globalThis.document = { body: {} }; globalThis.location = { replace(u) { console.log(u); } };\n";
     let out = std::process::Command::new("node")
         .arg("-e")
         .arg(format!("{shim}{script}"))
