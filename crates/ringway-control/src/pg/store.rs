@@ -171,19 +171,29 @@ async fn load_policies(
     let (rows, rules) = match ids {
         None => (
             client
-                .query("SELECT id, project_id, hostname, policy::text FROM access_policies", &[])
+                .query(
+                    "SELECT id, project_id, hostname, policy::text FROM access_policies",
+                    &[],
+                )
                 .await,
             client
                 .query("SELECT policy_id, cidr::text, action FROM ip_rules", &[])
                 .await,
         ),
+        // Outside a transaction (the incremental path): one statement, so the policy and
+        // its rules come from one snapshot of the database.
         Some(ids) => (
             client
-                .query("SELECT id, project_id, hostname, policy::text FROM access_policies WHERE id = ANY($1)", &[&ids])
+                .query(
+                    "SELECT p.id, p.project_id, p.hostname, p.policy::text, \
+                     COALESCE(array_agg(r.cidr::text) FILTER (WHERE r.action = 'allow'), '{}'), \
+                     COALESCE(array_agg(r.cidr::text) FILTER (WHERE r.action = 'deny'), '{}') \
+                     FROM access_policies p LEFT JOIN ip_rules r ON r.policy_id = p.id \
+                     WHERE p.id = ANY($1) GROUP BY p.id",
+                    &[&ids],
+                )
                 .await,
-            client
-                .query("SELECT policy_id, cidr::text, action FROM ip_rules WHERE policy_id = ANY($1)", &[&ids])
-                .await,
+            Ok(Vec::new()),
         ),
     };
     let rows = rows.map_err(PgError::query("loading access policies"))?;
@@ -196,6 +206,11 @@ async fn load_policies(
             e.0.push(cidr);
         } else {
             e.1.push(cidr);
+        }
+    }
+    if ids.is_some() {
+        for r in &rows {
+            by_policy.insert(r.get(0), (r.get(4), r.get(5)));
         }
     }
     let mut out = Vec::with_capacity(rows.len());
