@@ -5,8 +5,9 @@
 //! except the lock-free route table and atomics, never block, and never link the control
 //! plane's async runtime or database client.
 //!
-//! The path of a request, module by module: [`accept`] → [`conn`] → [`proxy`] (head, prepare
-//! with [`access`], [`route`] and [`policy`], forward through [`pool`], respond with [`headers`] and
+//! The path of a request, module by module: [`accept`] ([`proxy_protocol`] from configured
+//! balancers) → [`conn`] ([`tls`]) → [`proxy`] (head, prepare
+//! with [`access`], [`route`] and [`policy`] ([`challenge`]), forward through [`pool`], respond with [`headers`] and
 //! [`stream`]) → [`log`](worker::Worker::log) into the worker's ring. `docs/architecture.md`
 //! tells the same story with the limits that apply at each step.
 
