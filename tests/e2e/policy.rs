@@ -261,6 +261,9 @@ fn rate_limits_by_prefix_path_and_ipv6_network() {
         r.header("retry-after")
             .is_some_and(|v| v.parse::<u64>().unwrap() >= 1)
     );
+    // The same path in other case or spelling is the same path.
+    assert_eq!(from("2001:db8:1:2::1", "/API/a"), 429);
+    assert_eq!(from("2001:db8:1:2::1", "//api/./a"), 429);
     // Another path under the prefix has its own budget (per_path).
     assert_eq!(from("2001:db8:1:2::1", "/api/b"), 200);
     // Another address in the same /64 is the same client; another /64 is not.
@@ -270,6 +273,24 @@ fn rate_limits_by_prefix_path_and_ipv6_network() {
     for _ in 0..5 {
         assert_eq!(from("2001:db8:1:2::1", "/other"), 200);
     }
+}
+
+#[test]
+fn paths_too_long_to_normalise_are_refused_where_a_policy_applies() {
+    let origin = Origin::start();
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\nblock_paths = [\"/wp-admin\"]\n",
+    );
+    let p = TestProxy::start_with(&routes, |c| c.limits.request_line_bytes_max = 32 * 1024);
+    let pad = "a".repeat(9000);
+    // Long, but nothing to normalise: served.
+    assert_eq!(get_with(&p, "", &format!("/ok/{pad}")).status, 200);
+    // Long, and would need normalising to be seen as /wp-admin: refused, not let past.
+    let r = get_with(&p, "", &format!("//wp-admin/{pad}"));
+    assert_eq!(r.status, 414);
+    assert_eq!(get_with(&p, "", "//wp-admin/x").status, 403);
+    assert!(!origin.paths().iter().any(|p| p.contains("wp-admin")));
 }
 
 /// The nonce in a challenge page.
@@ -363,6 +384,11 @@ fn challenge_solved_by_a_client_and_passes_checked() {
     );
     assert_eq!(r.status, 302);
     assert_eq!(r.header("location"), Some("/"), "never leaves the site");
+    // A failed verification without a return target (a stale bookmark) sends the next
+    // page to /, never back to itself.
+    let r = get_with(&p, "", "/.ringway/challenge?n=1.00&s=1");
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("r=\"/\""), "{}", r.text());
 
     // Forged, expired, issued for another network or another host: the page again.
     let keys = Keys::new(&[KEY.to_string()]);

@@ -222,7 +222,7 @@ impl PolicySpec {
                     path_prefix: r
                         .path_prefix
                         .as_ref()
-                        .map(|p| p.clone().into_bytes().into_boxed_slice()),
+                        .map(|p| p.to_ascii_lowercase().into_bytes().into_boxed_slice()),
                     per_path: r.per_path,
                 })
             })
@@ -276,7 +276,7 @@ impl PolicySpec {
                         }
                         ChallengeWhen::OnMatch {
                             user_agents: bytes_list(&c.user_agents, true),
-                            path_prefixes: bytes_list(&c.path_prefixes, false),
+                            path_prefixes: bytes_list(&c.path_prefixes, true),
                             rate_above_rps: c.rate_above_rps,
                         }
                     }

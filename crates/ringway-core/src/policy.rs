@@ -569,7 +569,13 @@ pub fn rate_key(rule: u32, project: i64, ip: IpAddr, path: Option<&[u8]>) -> u64
         IpAddr::V6(a) => h.write_u64((u128::from(a) >> 64) as u64),
     }
     if let Some(p) = path {
-        h.write(&p[..p.len().min(RATE_KEY_PATH_BYTES_MAX)]);
+        // Case folded, as the prefixes match: `/API/a` and `/api/a` share a budget.
+        let mut folded = [0u8; RATE_KEY_PATH_BYTES_MAX];
+        let n = p.len().min(RATE_KEY_PATH_BYTES_MAX);
+        for (d, s) in folded[..n].iter_mut().zip(p) {
+            *d = s.to_ascii_lowercase();
+        }
+        h.write(&folded[..n]);
     }
     h.finish()
 }
@@ -692,6 +698,10 @@ mod tests {
         assert_ne!(
             rate_key(1, 7, ip, Some(b"/api/a")),
             rate_key(1, 7, ip, Some(b"/api/b"))
+        );
+        assert_eq!(
+            rate_key(1, 7, ip, Some(b"/API/a")),
+            rate_key(1, 7, ip, Some(b"/api/A"))
         );
         assert_eq!(
             rate_key(1, 7, ip, Some(&[b'a'; 300])),

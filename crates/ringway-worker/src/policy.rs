@@ -8,7 +8,7 @@
 //! (page, pass cookie) build small buffers, which only challenged requests pay for.
 
 use crate::challenge::{self, Keys};
-use ringway_core::policy::{ChallengeWhen, Policy, RateDecision, rate_key};
+use ringway_core::policy::{ChallengeWhen, Policy, RateDecision, rate_key, starts_with_ci};
 use std::net::IpAddr;
 
 pub const VISITOR_COOKIE: &[u8] = b"rw_vid";
@@ -138,7 +138,7 @@ pub fn evaluate(
     }
     for rule in p.rate_limits.iter() {
         let prefix = rule.path_prefix.as_deref();
-        if prefix.is_some_and(|pre| !f.path.starts_with(pre)) {
+        if prefix.is_some_and(|pre| !starts_with_ci(f.path, pre)) {
             continue;
         }
         let key = rate_key(
@@ -159,6 +159,8 @@ pub fn evaluate(
     if f.path.starts_with(challenge::VERIFY_PATH) {
         return Verdict::Verify;
     }
+    // Exemptions compare exactly: a miss only means a challenge (fails closed), while the
+    // enforcing prefixes above ignore case (an upstream may).
     if ch.exempt_paths.iter().any(|e| f.path.starts_with(e)) {
         return Verdict::Pass;
     }
@@ -172,7 +174,7 @@ pub fn evaluate(
             user_agents
                 .iter()
                 .any(|u| ringway_core::policy::contains_ci(f.user_agent, u))
-                || path_prefixes.iter().any(|pre| f.path.starts_with(pre))
+                || path_prefixes.iter().any(|pre| starts_with_ci(f.path, pre))
                 || rate_above_rps.is_some_and(|rps| {
                     let key = rate_key(u32::MAX, f.project, f.ip, None);
                     matches!(
@@ -212,6 +214,19 @@ fn hex_id(rand: &mut impl FnMut() -> u64) -> [u8; ID_HEX] {
     out
 }
 
+/// `n` in decimal, on the stack.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// Visitor and session ids from the cookies, new ones where missing or expired, and the
 /// Set-Cookie lines that keep them. The session cookie is `<id>.<issued unix s>`: it is
 /// refreshed (a new issue time, same id) once a quarter of the idle window has passed, so
@@ -228,24 +243,22 @@ pub fn visitor_ids(
         active: true,
         ..Ids::default()
     };
-    let mut num = Vec::with_capacity(0);
-    let mut attrs = |max_age: u64| {
-        num.clear();
-        num.extend_from_slice(b"; Path=/; Max-Age=");
-        ringway_proto::write::push_u64(&mut num, max_age);
-        num.extend_from_slice(b"; HttpOnly; SameSite=Lax");
-        if secure {
-            num.extend_from_slice(b"; Secure");
-        }
-        num.clone()
-    };
+    let secure_attr: &[u8] = if secure { b"; Secure" } else { b"" };
+    let (mut age_buf, mut t_buf) = ([0u8; 20], [0u8; 20]);
     match cookie(cookies, VISITOR_COOKIE).filter(|v| is_hex_id(v)) {
         Some(v) => ids.visitor.copy_from_slice(v),
         None => {
             ids.visitor = hex_id(&mut rand);
-            let a = attrs(visitor_ttl_s);
             let v = ids.visitor;
-            ids.push_line(&[VISITOR_COOKIE, b"=", &v, &a]);
+            ids.push_line(&[
+                VISITOR_COOKIE,
+                b"=",
+                &v,
+                b"; Path=/; Max-Age=",
+                decimal(visitor_ttl_s, &mut age_buf),
+                b"; HttpOnly; SameSite=Lax",
+                secure_attr,
+            ]);
         }
     }
     let existing = cookie(cookies, SESSION_COOKIE).and_then(|v| {
@@ -265,11 +278,18 @@ pub fn visitor_ids(
         }
     };
     if refresh {
-        let mut t = vec![b'.'];
-        ringway_proto::write::push_u64(&mut t, now);
-        let a = attrs(session_idle_s);
         let s = ids.session;
-        ids.push_line(&[SESSION_COOKIE, b"=", &s, &t, &a]);
+        ids.push_line(&[
+            SESSION_COOKIE,
+            b"=",
+            &s,
+            b".",
+            decimal(now, &mut t_buf),
+            b"; Path=/; Max-Age=",
+            decimal(session_idle_s, &mut age_buf),
+            b"; HttpOnly; SameSite=Lax",
+            secure_attr,
+        ]);
     }
     ids
 }

@@ -887,8 +887,13 @@ fn policy_phase<S: ClientIo>(
     // Prefix rules see the path as the upstream will resolve it (`/%77p-admin`,
     // `//wp-admin` and `/x/../wp-admin` are all `/wp-admin`). Most paths need nothing, and
     // skip the buffer.
+    let needs_normalizing = ringway_core::policy::path_needs_normalizing(r.path());
+    // Only possible with a raised request line limit: a path the rules cannot see as the
+    // upstream would is refused (414) where a policy applies, rather than let past them.
+    let too_long =
+        needs_normalizing && r.path().len() > ringway_core::policy::POLICY_PATH_BYTES_MAX;
     let mut path_buf;
-    let path = if ringway_core::policy::path_needs_normalizing(r.path()) {
+    let path = if needs_normalizing && !too_long {
         path_buf = [0u8; ringway_core::policy::POLICY_PATH_BYTES_MAX];
         ringway_core::policy::normalize_path(r.path(), &mut path_buf)
     } else {
@@ -907,7 +912,11 @@ fn policy_phase<S: ClientIo>(
     let Some(d) = w
         .policies
         .with_policy(host.as_str(), target.ids.project_id, |p| Decided {
-            verdict: crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys),
+            verdict: if too_long {
+                Verdict::Forbid("path_too_long")
+            } else {
+                crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys)
+            },
             challenge: p
                 .challenge
                 .as_ref()
@@ -934,7 +943,7 @@ fn policy_phase<S: ClientIo>(
                 w.stats.blocked.inc();
             }
             return Err(PolicyStop::Reject(Reject {
-                status: 403,
+                status: if reason == "path_too_long" { 414 } else { 403 },
                 reason,
                 close: has_body,
             }));
@@ -1046,10 +1055,14 @@ fn policy_phase<S: ClientIo>(
             };
             // The page sends the client back where it was going (or, after a failed
             // solution, where that solution said).
-            let ret: Vec<u8> = if d.verdict == Verdict::Verify && ret_ok {
+            let ret: Vec<u8> = if d.verdict != Verdict::Verify {
+                r.origin_target().to_vec()
+            } else if ret_ok {
                 page.clone()
             } else {
-                r.origin_target().to_vec()
+                // Never back to the failed verification URL itself: its nonce stays stale,
+                // and a solved page would land on it again and again.
+                b"/".to_vec()
             };
             page.clear();
             let mut nonce = Vec::with_capacity(64);

@@ -107,7 +107,7 @@ fn parse_v2(b: &[u8]) -> Result<Option<(Source, usize)>, Invalid> {
         0 => Ok(Some((Source::Local, len))),
         1 => {
             let src = match fam {
-                // TCP over IPv4 (and UDP, not used here, refused below).
+                // TCP over IPv4.
                 0x11 if a.len() >= 12 => SocketAddr::new(
                     IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
                     u16::from_be_bytes([a[8], a[9]]),
@@ -122,6 +122,11 @@ fn parse_v2(b: &[u8]) -> Result<Option<(Source, usize)>, Invalid> {
                 }
                 // UNSPEC: no address to believe.
                 0x00 => return Ok(Some((Source::Local, len))),
+                // Valid families this proxy has no use for (UDP, UNIX sockets): the spec
+                // says to fall back to the real connection's address, as for UNSPEC.
+                0x12 if a.len() >= 12 => return Ok(Some((Source::Local, len))),
+                0x22 if a.len() >= 36 => return Ok(Some((Source::Local, len))),
+                0x31 | 0x32 if a.len() >= 216 => return Ok(Some((Source::Local, len))),
                 _ => return Err(Invalid),
             };
             Ok(Some((Source::Proxied(src), len)))
@@ -200,5 +205,15 @@ mod tests {
         let mut huge = V2_SIGNATURE.to_vec();
         huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
         assert_eq!(parse(&huge), Err(Invalid));
+        // A UNIX-socket frontend: valid, no address to use, the peer's stays.
+        let mut unix = V2_SIGNATURE.to_vec();
+        unix.extend_from_slice(&[0x21, 0x31, 0, 216]);
+        unix.extend_from_slice(&[0u8; 216]);
+        assert_eq!(parse(&unix), Ok(Some((Source::Local, 232))));
+        // ...but its addresses must be there.
+        let mut short = V2_SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x31, 0, 12]);
+        short.extend_from_slice(&[0u8; 12]);
+        assert_eq!(parse(&short), Err(Invalid));
     }
 }
