@@ -213,13 +213,17 @@ enabled = false
     for i in range(100_000):
         lines.append(f'[[route]]\nname = "r{i}"\nhosts = ["h{i}.example.test"]\nupstreams = ["127.0.0.1:{ORIGIN_PORT}"]\nproject_id = {i}')
     (workdir / "routes-100k.toml").write_text("\n".join(lines) + "\n")
-    (workdir / "ringway-100k.toml").write_text(
-        rw.read_text()
-        .replace(f"127.0.0.1:{RW_PORT}", f"127.0.0.1:{RW100K_PORT}")
-        .replace(f"127.0.0.1:{RW_ADMIN}", f"127.0.0.1:{RW100K_ADMIN}")
-        .replace('file = "routes.toml"', 'file = "routes-100k.toml"')
-        .replace(f'https = "127.0.0.1:{TLS_PORTS["ringway"]}"\n', "")
-    )
+    def variant(name, port, admin, routes_file):
+        """A second Ringway like the first, on its own ports and routes file, plain HTTP only."""
+        (workdir / name).write_text(
+            rw.read_text()
+            .replace(f"127.0.0.1:{RW_PORT}", f"127.0.0.1:{port}")
+            .replace(f"127.0.0.1:{RW_ADMIN}", f"127.0.0.1:{admin}")
+            .replace('file = "routes.toml"', f'file = "{routes_file}"')
+            .replace(f'https = "127.0.0.1:{TLS_PORTS["ringway"]}"\n', "")
+        )
+
+    variant("ringway-100k.toml", RW100K_PORT, RW100K_ADMIN, "routes-100k.toml")
     # Scenario 8: the same route under a project policy with a 10,000-rule deny list (random
     # /32 and /24 outside 127/8, a tenth IPv6) and a rate limit per client that is never hit.
     # Visitor cookies are off: the figure is the cost of the checks, not of a Set-Cookie.
@@ -239,13 +243,7 @@ enabled = false
         "deny = [" + ", ".join(f'"{d}"' for d in deny) + "]\n"
         "[[policy.rate_limit]]\nrps = 1000000\nburst = 1000000\n"
     )
-    (workdir / "ringway-policy.toml").write_text(
-        rw.read_text()
-        .replace(f"127.0.0.1:{RW_PORT}", f"127.0.0.1:{RWPOL_PORT}")
-        .replace(f"127.0.0.1:{RW_ADMIN}", f"127.0.0.1:{RWPOL_ADMIN}")
-        .replace('file = "routes.toml"', 'file = "routes-policy.toml"')
-        .replace(f'https = "127.0.0.1:{TLS_PORTS["ringway"]}"\n', "")
-    )
+    variant("ringway-policy.toml", RWPOL_PORT, RWPOL_ADMIN, "routes-policy.toml")
     affinity = " ".join(mask(c) for c in PROXY_CPU_LIST)
     (workdir / "nginx.conf").write_text(
         f"""worker_processes {WORKERS};

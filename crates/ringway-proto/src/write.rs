@@ -143,19 +143,23 @@ pub fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
     }
 }
 
-/// Appends the decimal form of `n`.
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
+/// The decimal form of `n`, written at the end of `buf` (no allocation).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
     loop {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+        buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &buf[i..];
         }
     }
-    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends the decimal form of `n`.
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    out.extend_from_slice(decimal(n, &mut digits));
 }
 
 #[cfg(test)]

@@ -214,19 +214,6 @@ fn hex_id(rand: &mut impl FnMut() -> u64) -> [u8; ID_HEX] {
     out
 }
 
-/// `n` in decimal, on the stack.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
 /// Visitor and session ids from the cookies, new ones where missing or expired, and the
 /// Set-Cookie lines that keep them. The session cookie is `<id>.<issued unix s>`: it is
 /// refreshed (a new issue time, same id) once a quarter of the idle window has passed, so
@@ -255,7 +242,7 @@ pub fn visitor_ids(
                 b"=",
                 &v,
                 b"; Path=/; Max-Age=",
-                decimal(visitor_ttl_s, &mut age_buf),
+                ringway_proto::write::decimal(visitor_ttl_s, &mut age_buf),
                 b"; HttpOnly; SameSite=Lax",
                 secure_attr,
             ]);
@@ -284,9 +271,9 @@ pub fn visitor_ids(
             b"=",
             &s,
             b".",
-            decimal(now, &mut t_buf),
+            ringway_proto::write::decimal(now, &mut t_buf),
             b"; Path=/; Max-Age=",
-            decimal(session_idle_s, &mut age_buf),
+            ringway_proto::write::decimal(session_idle_s, &mut age_buf),
             b"; HttpOnly; SameSite=Lax",
             secure_attr,
         ]);
