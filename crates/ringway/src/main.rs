@@ -128,7 +128,7 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     let set = ringway_control::file_store::load_routes_file(&routes_path)
         .with_context(|| format!("routes file {}", routes_path.display()))?;
     println!(
-        "{}: ok ({} host patterns{}, {} certificates{}, routes from {})",
+        "{}: ok ({} host patterns{}, {} certificates{}, {} policies, routes from {})",
         path.display(),
         set.routes.hosts.len(),
         if set.routes.default.is_some() {
@@ -142,6 +142,7 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         } else {
             ""
         },
+        set.policies.by_project.len() + set.policies.by_host.len(),
         routes_path.display()
     );
     Ok(())
