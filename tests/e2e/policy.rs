@@ -276,6 +276,40 @@ fn rate_limits_by_prefix_path_and_ipv6_network() {
 }
 
 #[test]
+fn a_full_rate_key_table_is_swept_at_once_and_limits_again() {
+    let origin = Origin::start();
+    // /fill/ makes a key per path that expires a millisecond later; /limited/ is one request
+    // per second per client.
+    let routes = with_policy(
+        origin.addr,
+        "[[policy]]\nproject_id = 11\n\
+         [[policy.rate_limit]]\nrps = 1000\npath_prefix = \"/fill/\"\nper_path = true\n\
+         [[policy.rate_limit]]\nrps = 1\npath_prefix = \"/limited/\"\n",
+    );
+    let p = TestProxy::start_with(&routes, |c| c.policy.rate_limit_keys_max = 1000);
+    let mut c = Conn::connect(p.addr);
+    for i in 0..1500 {
+        assert_eq!(c.get("app.test", &format!("/fill/{i}")).status, 200);
+    }
+    // Past 1,000 keys the table was full: counted, and new keys went unlimited. (How many
+    // overflowed depends on how fast the fill ran against the sweeps that free expired keys.)
+    assert!(eventually(Duration::from_secs(2), || p
+        .metric_sum("ringway_rate_limit_overflows_total")
+        >= 1.0));
+    // The overflow makes the control thread sweep at once, not at the next 5 s sweep: within
+    // well under 5 s a new client is limited again.
+    let started = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let path = format!("/limited/{}", started.elapsed().as_micros());
+            c.get("app.test", &path).status == 200 && c.get("app.test", &path).status == 429
+        }),
+        "limiting did not come back"
+    );
+    assert!(p.metric_sum("ringway_rate_limit_keys") < 1000.0);
+}
+
+#[test]
 fn paths_too_long_to_normalise_are_refused_where_a_policy_applies() {
     let origin = Origin::start();
     let routes = with_policy(

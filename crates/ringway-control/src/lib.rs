@@ -33,6 +33,8 @@ use store::{RouteStore, StoreEvent};
 
 /// How often idle rate-limit keys are forgotten.
 const RATE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the rate-limit key table is checked for overflows (then swept at once).
+const RATE_OVERFLOW_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where routes come from.
 #[derive(Debug)]
@@ -388,13 +390,24 @@ async fn run(
     {
         let (limiter, policies, st) = (p.limiter.clone(), p.policies.clone(), stats.clone());
         tokio::spawn(async move {
-            let mut t = tokio::time::interval(RATE_SWEEP_INTERVAL);
+            let mut t = tokio::time::interval(RATE_OVERFLOW_CHECK_INTERVAL);
+            let mut last_sweep: Option<tokio::time::Instant> = None;
+            let mut overflows_seen = 0;
             loop {
                 t.tick().await;
+                // A full key table lets new clients through unlimited: while it overflows,
+                // sweep at the check interval to free expired keys sooner.
+                let overflows = limiter.overflows.load(Ordering::Relaxed);
+                if overflows == overflows_seen
+                    && last_sweep.is_some_and(|t| t.elapsed() < RATE_SWEEP_INTERVAL)
+                {
+                    continue;
+                }
+                overflows_seen = overflows;
+                last_sweep = Some(tokio::time::Instant::now());
                 let n = limiter.sweep(0);
                 st.rate_limit_keys.store(n as u64, Ordering::Relaxed);
-                st.rate_limit_overflows
-                    .store(limiter.overflows.load(Ordering::Relaxed), Ordering::Relaxed);
+                st.rate_limit_overflows.store(overflows, Ordering::Relaxed);
                 st.policies.store(policies.len() as u64, Ordering::Relaxed);
             }
         });
