@@ -16,14 +16,15 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+
+# Shared with the proxy comparison (same directory).
+from bench import cpu_ticks, log, rss_kib, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REL = ROOT / "target" / "release"
@@ -39,8 +40,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 DB = f"ringway_loadtest_{os.getpid()}"
 
 
-def log(msg):
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def psql(sql, db=DB, quiet=True):
@@ -50,15 +49,6 @@ def psql(sql, db=DB, quiet=True):
     return out.stdout.strip()
 
 
-def wait_port(port, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def metrics(admin):
@@ -93,16 +83,8 @@ def histogram_quantile(text, name, q):
     return None
 
 
-def cpu_ticks(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
-def rss_kib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 RUNNING = []
@@ -115,7 +97,7 @@ class Proc:
         time.sleep(0.2)
         if self.proc.poll() is not None:
             raise RuntimeError(f"{argv[0]} exited at start: see {out}")
-        wait_port(port)
+        wait_port(port, timeout=120.0)
         if self.proc.poll() is not None:
             raise RuntimeError(f"{argv[0]} exited at start (is port {port} taken?): see {out}")
 
@@ -206,7 +188,7 @@ def main():
         results["full_load"] = []
         rw = ringway(work, "empty", PORT_OFF, ADMIN_OFF, logs=False)
         time.sleep(2)
-        base = rss_kib(rw.proc.pid)
+        base = rss_kib([rw.proc.pid])
         rw.stop()
         for n in SIZES:
             have = int(psql("SELECT count(*) FROM domains"))
@@ -227,7 +209,7 @@ def main():
                 "full_load_ms": metric(m, "ringway_db_full_load_milliseconds"),
                 "start_to_loaded_s": loaded_s,
                 "routes": metric(m, "ringway_routes"),
-                "rss_kib": rss_kib(rw2.proc.pid),
+                "rss_kib": rss_kib([rw2.proc.pid]),
                 "rss_empty_kib": base,
                 "snapshot_bytes": snap.stat().st_size if snap.exists() else None,
             }
@@ -249,12 +231,12 @@ def main():
         for rnd in range(ROUNDS):
             for label, proc, port, admin in (("off", off, PORT_OFF, ADMIN_OFF), ("on", on, PORT_ON, ADMIN_ON)):
                 m0 = metrics(admin)
-                c0 = cpu_ticks(proc.proc.pid)
-                b0 = sum(cpu_ticks(b) for b in backends if Path(f"/proc/{b}").exists())
+                c0 = cpu_ticks([proc.proc.pid])
+                b0 = cpu_ticks(backends)
                 reqs, rps, errs = wrk(port)
-                c1 = cpu_ticks(proc.proc.pid)
+                c1 = cpu_ticks([proc.proc.pid])
                 time.sleep(1.5)
-                b1 = sum(cpu_ticks(b) for b in backends if Path(f"/proc/{b}").exists())
+                b1 = cpu_ticks(backends)
                 m1 = metrics(admin)
                 r = {
                     "requests": reqs,

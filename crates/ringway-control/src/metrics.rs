@@ -161,6 +161,23 @@ fn per_worker(
     }
 }
 
+/// A per-worker counter split by one label: `f` gives (label value, count) pairs.
+fn per_worker_by<const N: usize>(
+    out: &mut String,
+    snaps: &[StatsSnapshot],
+    name: &str,
+    help: &str,
+    label: &str,
+    f: impl Fn(&StatsSnapshot) -> [(&'static str, u64); N],
+) {
+    family(out, name, "counter", help);
+    for (i, s) in snaps.iter().enumerate() {
+        for (value, n) in f(s) {
+            let _ = writeln!(out, "{name}{{worker=\"{i}\",{label}=\"{value}\"}} {n}");
+        }
+    }
+}
+
 /// Renders all metrics.
 /// Certificates expiring within this many seconds are counted in
 /// `ringway_tls_certificates_expiring`.
@@ -635,42 +652,28 @@ fn render_tls(
     certs: &CertTable,
     control: &ControlStats,
 ) {
-    family(
+    per_worker_by(
         out,
+        snaps,
         "ringway_tls_handshakes_total",
-        "counter",
         "Completed TLS handshakes, by protocol version.",
+        "version",
+        |s| [("1.2", s.tls_handshakes_12), ("1.3", s.tls_handshakes_13)],
     );
-    for (i, s) in snaps.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.2\"}} {}",
-            s.tls_handshakes_12
-        );
-        let _ = writeln!(
-            out,
-            "ringway_tls_handshakes_total{{worker=\"{i}\",version=\"1.3\"}} {}",
-            s.tls_handshakes_13
-        );
-    }
-    family(
+    per_worker_by(
         out,
+        snaps,
         "ringway_tls_handshake_failures_total",
-        "counter",
         "TLS handshakes that did not complete, by reason.",
+        "reason",
+        |s| {
+            [
+                ("timeout", s.tls_handshake_timeouts),
+                ("closed", s.tls_handshake_closed),
+                ("error", s.tls_handshake_errors),
+            ]
+        },
     );
-    for (i, s) in snaps.iter().enumerate() {
-        for (reason, v) in [
-            ("timeout", s.tls_handshake_timeouts),
-            ("closed", s.tls_handshake_closed),
-            ("error", s.tls_handshake_errors),
-        ] {
-            let _ = writeln!(
-                out,
-                "ringway_tls_handshake_failures_total{{worker=\"{i}\",reason=\"{reason}\"}} {v}"
-            );
-        }
-    }
     per_worker(
         out,
         snaps,
@@ -679,25 +682,21 @@ fn render_tls(
         "TLS handshakes that resumed a session (ticket or cache).",
         |s| s.tls_resumptions,
     );
-    family(
+    per_worker_by(
         out,
+        snaps,
         "ringway_tls_certificate_lookups_total",
-        "counter",
         "Certificate lookups during handshakes, by outcome (miss: handshake refused).",
+        "outcome",
+        |s| {
+            [
+                ("exact", s.tls_cert_exact),
+                ("wildcard", s.tls_cert_wildcard),
+                ("default", s.tls_cert_default),
+                ("miss", s.tls_cert_miss),
+            ]
+        },
     );
-    for (i, s) in snaps.iter().enumerate() {
-        for (outcome, v) in [
-            ("exact", s.tls_cert_exact),
-            ("wildcard", s.tls_cert_wildcard),
-            ("default", s.tls_cert_default),
-            ("miss", s.tls_cert_miss),
-        ] {
-            let _ = writeln!(
-                out,
-                "ringway_tls_certificate_lookups_total{{worker=\"{i}\",outcome=\"{outcome}\"}} {v}"
-            );
-        }
-    }
     per_worker(
         out,
         snaps,

@@ -143,6 +143,15 @@ pub fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
     }
 }
 
+/// Writes `bytes` as lower-case hex into `out[..2 * bytes.len()]` (no allocation).
+pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 15)];
+    }
+}
+
 /// The decimal form of `n`, written at the end of `buf` (no allocation).
 pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();

@@ -101,16 +101,9 @@ impl RequestIdGen {
     pub fn next_id(&mut self) -> [u8; 32] {
         self.counter = self.counter.wrapping_add(1);
         let mut out = [0u8; 32];
-        hex16(self.prefix, &mut out[..16]);
-        hex16(self.counter, &mut out[16..]);
+        ringway_proto::write::hex_into(&self.prefix.to_be_bytes(), &mut out[..16]);
+        ringway_proto::write::hex_into(&self.counter.to_be_bytes(), &mut out[16..]);
         out
-    }
-}
-
-fn hex16(v: u64, out: &mut [u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, o) in out.iter_mut().enumerate().take(16) {
-        *o = HEX[((v >> (60 - 4 * i)) & 0xf) as usize];
     }
 }
 

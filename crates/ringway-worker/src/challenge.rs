@@ -41,11 +41,7 @@ impl Key {
         let hmac = hmac::Key::new(hmac::HMAC_SHA256, secret);
         let tag = hmac::sign(&hmac, b"ringway challenge key id");
         let mut id = [0u8; 8];
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        for (i, b) in tag.as_ref()[..4].iter().enumerate() {
-            id[2 * i] = HEX[usize::from(b >> 4)];
-            id[2 * i + 1] = HEX[usize::from(b & 15)];
-        }
+        ringway_proto::write::hex_into(&tag.as_ref()[..4], &mut id);
         Key { hmac, id }
     }
 }
@@ -80,29 +76,19 @@ impl Keys {
 
 /// The part of the address a pass is bound to, as bytes.
 fn network(ip: IpAddr, binding: CookieBinding) -> [u8; 17] {
-    let mut out = [0u8; 17];
-    match ringway_core::cidr::canonical(ip) {
+    let network = binding == CookieBinding::Network;
+    // Family, then the bytes kept: the /24 or /64 for a network binding, else all of them.
+    let (family, octets, kept) = match ringway_core::cidr::canonical(ip) {
         IpAddr::V4(a) => {
-            out[0] = 4;
-            let o = a.octets();
-            let n = if binding == CookieBinding::Network {
-                3
-            } else {
-                4
-            };
-            out[1..1 + n].copy_from_slice(&o[..n]);
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&a.octets());
+            (4, o, if network { 3 } else { 4 })
         }
-        IpAddr::V6(a) => {
-            out[0] = 6;
-            let o = a.octets();
-            let n = if binding == CookieBinding::Network {
-                8
-            } else {
-                16
-            };
-            out[1..1 + n].copy_from_slice(&o[..n]);
-        }
-    }
+        IpAddr::V6(a) => (6, a.octets(), if network { 8 } else { 16 }),
+    };
+    let mut out = [0u8; 17];
+    out[0] = family;
+    out[1..1 + kept].copy_from_slice(&octets[..kept]);
     out
 }
 
@@ -119,13 +105,10 @@ fn mac(key: &hmac::Key, kind: &[u8], host: &[u8], net: &[u8; 17], time: u64) -> 
     out
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 fn push_hex(out: &mut Vec<u8>, b: &[u8]) {
-    for x in b {
-        out.push(HEX[usize::from(x >> 4)]);
-        out.push(HEX[usize::from(x & 15)]);
-    }
+    let at = out.len();
+    out.resize(at + 2 * b.len(), 0);
+    ringway_proto::write::hex_into(b, &mut out[at..]);
 }
 
 fn parse_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {

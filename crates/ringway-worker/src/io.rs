@@ -9,11 +9,7 @@
 use crate::deadline::Deadlines;
 use crate::error::IoFail;
 use monoio::buf::{Slice, SliceMut};
-use monoio::io::{
-    CancelHandle, CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller, OwnedReadHalf,
-    OwnedWriteHalf,
-};
-use monoio::net::TcpStream;
+use monoio::io::{CancelHandle, CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
@@ -239,7 +235,8 @@ pub trait WriteIo {
     ) -> impl Future<Output = monoio::BufResult<usize, Slice<Vec<u8>>>>;
 }
 
-impl ReadIo for TcpStream {
+// Sockets and their halves: monoio's cancelable reads and writes, as they are.
+impl<T: CancelableAsyncReadRent> ReadIo for T {
     fn read_into(
         &mut self,
         buf: SliceMut<Vec<u8>>,
@@ -249,27 +246,7 @@ impl ReadIo for TcpStream {
     }
 }
 
-impl WriteIo for TcpStream {
-    fn write_from(
-        &mut self,
-        buf: Slice<Vec<u8>>,
-        c: CancelHandle,
-    ) -> impl Future<Output = monoio::BufResult<usize, Slice<Vec<u8>>>> {
-        self.cancelable_write(buf, c)
-    }
-}
-
-impl ReadIo for OwnedReadHalf<TcpStream> {
-    fn read_into(
-        &mut self,
-        buf: SliceMut<Vec<u8>>,
-        c: CancelHandle,
-    ) -> impl Future<Output = monoio::BufResult<usize, SliceMut<Vec<u8>>>> {
-        self.cancelable_read(buf, c)
-    }
-}
-
-impl WriteIo for OwnedWriteHalf<TcpStream> {
+impl<T: CancelableAsyncWriteRent> WriteIo for T {
     fn write_from(
         &mut self,
         buf: Slice<Vec<u8>>,

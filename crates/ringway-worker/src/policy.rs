@@ -202,15 +202,8 @@ fn is_hex_id(v: &[u8]) -> bool {
 fn hex_id(rand: &mut impl FnMut() -> u64) -> [u8; ID_HEX] {
     let mut out = [0u8; ID_HEX];
     let (a, b) = (rand(), rand());
-    for (i, byte) in a
-        .to_be_bytes()
-        .iter()
-        .chain(b.to_be_bytes().iter())
-        .enumerate()
-    {
-        out[2 * i] = b"0123456789abcdef"[usize::from(byte >> 4)];
-        out[2 * i + 1] = b"0123456789abcdef"[usize::from(byte & 15)];
-    }
+    ringway_proto::write::hex_into(&a.to_be_bytes(), &mut out[..ID_HEX / 2]);
+    ringway_proto::write::hex_into(&b.to_be_bytes(), &mut out[ID_HEX / 2..]);
     out
 }
 

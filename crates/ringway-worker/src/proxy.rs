@@ -873,59 +873,69 @@ fn policy_phase<S: ClientIo>(
     let s = &w.settings;
     let mut cookie_vals: [&[u8]; COOKIE_HEADERS_MAX] = [&[]; COOKIE_HEADERS_MAX];
     let mut n = 0;
-    for h in r.headers.iter() {
-        if n < COOKIE_HEADERS_MAX && h.name.eq_ignore_ascii_case("cookie") {
-            cookie_vals[n] = h.value;
-            n += 1;
-        }
-    }
-    let cookies = &cookie_vals[..n];
-    let now_unix = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // Prefix rules see the path as the upstream will resolve it (`/%77p-admin`,
-    // `//wp-admin` and `/x/../wp-admin` are all `/wp-admin`). Most paths need nothing, and
-    // skip the buffer.
-    let needs_normalizing = ringway_core::policy::path_needs_normalizing(r.path());
-    // Only possible with a raised request line limit: a path the rules cannot see as the
-    // upstream would is refused (414) where a policy applies, rather than let past them.
-    let too_long =
-        needs_normalizing && r.path().len() > ringway_core::policy::POLICY_PATH_BYTES_MAX;
-    let mut path_buf;
-    let path = if needs_normalizing && !too_long {
-        path_buf = [0u8; ringway_core::policy::POLICY_PATH_BYTES_MAX];
-        ringway_core::policy::normalize_path(r.path(), &mut path_buf)
-    } else {
-        r.path()
-    };
-    let facts = crate::policy::Facts {
-        host: host.as_bytes(),
-        project: target.ids.project_id,
-        ip: ex.client_ip,
-        user_agent: r.header("user-agent").unwrap_or(b""),
-        path,
-        cookies,
-        now_unix,
-        now_us: w.limiter.now_us(),
-    };
+    let mut now_unix = 0;
+    // The facts are gathered only once a policy applies: hosts without one pay a lookup.
     let Some(d) = w
         .policies
-        .with_policy(host.as_str(), target.ids.project_id, |p| Decided {
-            verdict: if too_long {
-                Verdict::Forbid("path_too_long")
+        .with_policy(host.as_str(), target.ids.project_id, |p| {
+            // One walk over the fields for everything the rules read.
+            let mut user_agent: Option<&[u8]> = None;
+            for h in r.headers.iter() {
+                if h.name.eq_ignore_ascii_case("cookie") {
+                    if n < COOKIE_HEADERS_MAX {
+                        cookie_vals[n] = h.value;
+                        n += 1;
+                    }
+                } else if user_agent.is_none() && h.name.eq_ignore_ascii_case("user-agent") {
+                    user_agent = Some(h.value);
+                }
+            }
+            now_unix = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            // Prefix rules see the path as the upstream will resolve it (`/%77p-admin`,
+            // `//wp-admin` and `/x/../wp-admin` are all `/wp-admin`). Most paths need
+            // nothing, and skip the buffer.
+            let needs_normalizing = ringway_core::policy::path_needs_normalizing(r.path());
+            // Only possible with a raised request line limit: a path the rules cannot see
+            // as the upstream would is refused (414), rather than let past them.
+            let too_long =
+                needs_normalizing && r.path().len() > ringway_core::policy::POLICY_PATH_BYTES_MAX;
+            let mut path_buf;
+            let path = if needs_normalizing && !too_long {
+                path_buf = [0u8; ringway_core::policy::POLICY_PATH_BYTES_MAX];
+                ringway_core::policy::normalize_path(r.path(), &mut path_buf)
             } else {
-                crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys)
-            },
-            challenge: p
-                .challenge
-                .as_ref()
-                .map(|c| (c.difficulty_bits, c.binding, c.pass_ttl_s)),
-            visitor_cookies: p.visitor_cookies,
+                r.path()
+            };
+            let facts = crate::policy::Facts {
+                host: host.as_bytes(),
+                project: target.ids.project_id,
+                ip: ex.client_ip,
+                user_agent: user_agent.unwrap_or(b""),
+                path,
+                cookies: &cookie_vals[..n],
+                now_unix,
+                now_us: w.limiter.now_us(),
+            };
+            Decided {
+                verdict: if too_long {
+                    Verdict::Forbid("path_too_long")
+                } else {
+                    crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys)
+                },
+                challenge: p
+                    .challenge
+                    .as_ref()
+                    .map(|c| (c.difficulty_bits, c.binding, c.pass_ttl_s)),
+                visitor_cookies: p.visitor_cookies,
+            }
         })
     else {
         return Ok(());
     };
+    let cookies = &cookie_vals[..n];
     let close = has_body || !keep_alive;
     let finish_head = |hw: &mut ringway_proto::HeadWriter<'_>, ex: &Exchange| {
         hw.header(b"Cache-Control", b"no-store");

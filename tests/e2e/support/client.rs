@@ -77,97 +77,7 @@ impl Conn {
     }
 
     pub fn read_response(&mut self, head_request: bool) -> std::io::Result<Response> {
-        let mut raw = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            let n = self.reader.read_until(b'\n', &mut line)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "EOF in response head after {:?}",
-                        String::from_utf8_lossy(&raw)
-                    ),
-                ));
-            }
-            raw.extend_from_slice(&line);
-            if line == b"\r\n" {
-                break;
-            }
-        }
-        let mut hs = [httparse::EMPTY_HEADER; 128];
-        let mut res = httparse::Response::new(&mut hs);
-        res.parse(&raw).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{e}: {:?}", String::from_utf8_lossy(&raw)),
-            )
-        })?;
-        let status = res.code.unwrap_or(0);
-        let headers: Vec<(String, String)> = res
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        let find = |n: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.clone())
-        };
-        let mut resp = Response {
-            status,
-            headers: headers.clone(),
-            body: Vec::new(),
-            chunked: false,
-        };
-        if head_request || status < 200 || status == 204 || status == 304 {
-            return Ok(resp);
-        }
-        if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-            resp.chunked = true;
-            loop {
-                let mut line = String::new();
-                if self.reader.read_line(&mut line)? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                let size = usize::from_str_radix(line.trim_end(), 16).map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("chunk line {line:?}"),
-                    )
-                })?;
-                if size == 0 {
-                    let mut end = String::new();
-                    self.reader.read_line(&mut end)?;
-                    if end != "\r\n" {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "trailers from the proxy",
-                        ));
-                    }
-                    return Ok(resp);
-                }
-                let start = resp.body.len();
-                resp.body.resize(start + size, 0);
-                self.reader.read_exact(&mut resp.body[start..])?;
-                let mut crlf = [0u8; 2];
-                self.reader.read_exact(&mut crlf)?;
-            }
-        }
-        if let Some(len) = find("content-length") {
-            let len: usize = len.parse().unwrap();
-            resp.body.resize(len, 0);
-            self.reader.read_exact(&mut resp.body)?;
-            return Ok(resp);
-        }
-        self.reader.read_to_end(&mut resp.body)?;
-        Ok(resp)
+        read_response_from(&mut self.reader, head_request)
     }
 
     /// Whether the peer closes the connection (EOF or reset) within 5 s. Stray bytes or
@@ -196,4 +106,102 @@ impl Conn {
 /// One GET on a fresh connection.
 pub fn get(addr: SocketAddr, host: &str, path: &str) -> Response {
     Conn::connect(addr).get(host, path)
+}
+
+/// Reads one response from `reader`. `head_request`: the request was HEAD (no body follows).
+pub fn read_response_from(
+    reader: &mut impl BufRead,
+    head_request: bool,
+) -> std::io::Result<Response> {
+    let mut raw = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "EOF in response head after {:?}",
+                    String::from_utf8_lossy(&raw)
+                ),
+            ));
+        }
+        raw.extend_from_slice(&line);
+        if line == b"\r\n" {
+            break;
+        }
+    }
+    let mut hs = [httparse::EMPTY_HEADER; 128];
+    let mut res = httparse::Response::new(&mut hs);
+    res.parse(&raw).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{e}: {:?}", String::from_utf8_lossy(&raw)),
+        )
+    })?;
+    let status = res.code.unwrap_or(0);
+    let headers: Vec<(String, String)> = res
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let find = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let mut resp = Response {
+        status,
+        headers: headers.clone(),
+        body: Vec::new(),
+        chunked: false,
+    };
+    if head_request || status < 200 || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        resp.chunked = true;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let size = usize::from_str_radix(line.trim_end(), 16).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("chunk line {line:?}"),
+                )
+            })?;
+            if size == 0 {
+                let mut end = String::new();
+                reader.read_line(&mut end)?;
+                if end != "\r\n" {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "trailers from the proxy",
+                    ));
+                }
+                return Ok(resp);
+            }
+            let start = resp.body.len();
+            resp.body.resize(start + size, 0);
+            reader.read_exact(&mut resp.body[start..])?;
+            let mut crlf = [0u8; 2];
+            reader.read_exact(&mut crlf)?;
+        }
+    }
+    if let Some(len) = find("content-length") {
+        let len: usize = len.parse().unwrap();
+        resp.body.resize(len, 0);
+        reader.read_exact(&mut resp.body)?;
+        return Ok(resp);
+    }
+    reader.read_to_end(&mut resp.body)?;
+    Ok(resp)
 }

@@ -1,7 +1,7 @@
 //! A test certificate authority and a TLS client, so handshakes are real and verified.
 
 use rustls::pki_types::{CertificateDer, ServerName};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,22 +103,8 @@ pub struct TlsClient {
     pub stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
 }
 
-/// What a TLS exchange returned.
-#[derive(Debug)]
-pub struct TlsResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl TlsResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+/// Responses over TLS are read like plain ones.
+pub type TlsResponse = super::client::Response;
 
 impl TlsClient {
     /// Connects and completes the handshake with `sni` (or an error: refused, bad cert...).
@@ -183,45 +169,7 @@ impl TlsClient {
     }
 
     fn read_response(&mut self) -> std::io::Result<TlsResponse> {
-        let mut reader = BufReader::new(&mut self.stream);
-        let mut head = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            head.extend_from_slice(&line);
-            if line == b"\r\n" {
-                break;
-            }
-        }
-        let mut hs = [httparse::EMPTY_HEADER; 64];
-        let mut r = httparse::Response::new(&mut hs);
-        r.parse(&head)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        let status = r.code.unwrap_or(0);
-        let headers: Vec<(String, String)> = r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        let len: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        reader.read_exact(&mut body)?;
-        Ok(TlsResponse {
-            status,
-            headers,
-            body,
-        })
+        super::client::read_response_from(&mut BufReader::new(&mut self.stream), false)
     }
 }
 
