@@ -74,8 +74,13 @@ impl Ids {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
-    /// 403, with the reason for the log.
-    Forbid(&'static str),
+    /// 403: the IP rules refuse the client.
+    IpDenied,
+    /// 403: a block rule matched; the reason for the log (`blocked_user_agent`, `blocked_path`).
+    Blocked(&'static str),
+    /// 414: the path needs normalising but is too long to normalise (see
+    /// `ringway_core::policy::POLICY_PATH_BYTES_MAX`).
+    PathTooLong,
     /// 429: retry after this many seconds.
     Limit(u64),
     /// The challenge page is due.
@@ -131,10 +136,10 @@ pub fn evaluate(
     keys: &Keys,
 ) -> Verdict {
     if !p.ip_allowed(f.ip) {
-        return Verdict::Forbid("ip_denied");
+        return Verdict::IpDenied;
     }
     if let Some(why) = p.blocked(f.user_agent, f.path) {
-        return Verdict::Forbid(why);
+        return Verdict::Blocked(why);
     }
     for rule in p.rate_limits.iter() {
         let prefix = rule.path_prefix.as_deref();

@@ -921,7 +921,7 @@ fn policy_phase<S: ClientIo>(
             };
             Decided {
                 verdict: if too_long {
-                    Verdict::Forbid("path_too_long")
+                    Verdict::PathTooLong
                 } else {
                     crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys)
                 },
@@ -944,19 +944,28 @@ fn policy_phase<S: ClientIo>(
             hw.header(b"Connection", b"close");
         }
     };
+    // A refusal with the shared error page (its body, if any, is drained or the connection
+    // closed by the caller).
+    let refuse = |status, reason| {
+        PolicyStop::Reject(Reject {
+            status,
+            reason,
+            close: has_body,
+        })
+    };
     match d.verdict {
         Verdict::Pass => {}
-        Verdict::Forbid(reason) => {
-            if reason == "ip_denied" {
-                w.stats.ip_denied.inc();
-            } else {
-                w.stats.blocked.inc();
-            }
-            return Err(PolicyStop::Reject(Reject {
-                status: if reason == "path_too_long" { 414 } else { 403 },
-                reason,
-                close: has_body,
-            }));
+        Verdict::IpDenied => {
+            w.stats.ip_denied.inc();
+            return Err(refuse(403, "ip_denied"));
+        }
+        Verdict::Blocked(reason) => {
+            w.stats.blocked.inc();
+            return Err(refuse(403, reason));
+        }
+        Verdict::PathTooLong => {
+            w.stats.blocked.inc();
+            return Err(refuse(414, "path_too_long"));
         }
         Verdict::Limit(retry_after_s) => {
             w.stats.rate_limited.inc();
