@@ -34,12 +34,18 @@ fn bench(c: &mut Criterion) {
             black_box(r.meta);
         })
     });
+    let untrusted_strip =
+        ringway_worker::headers::NameSet::new(ringway_core::config::UNTRUSTED_STRIP_DEFAULT);
+    let upgrade_protocols = [Box::from(&b"websocket"[..])];
     let fwd = Forwarding {
         peer_ip: "203.0.113.9".parse().unwrap(),
         trusted: false,
         proto: b"http",
         request_id: b"0123456789abcdef0123456789abcdef",
         upgrade: false,
+        upgrade_protocols: &upgrade_protocols,
+        untrusted_strip: &untrusted_strip,
+        host_fallback: b"",
         strip_expect: true,
         upstream: "10.0.0.5:3000".parse().unwrap(),
         // The common case with cookies on: both ids present.

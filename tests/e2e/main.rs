@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod basics;
+mod hardening;
 mod bodies;
 mod policy;
 mod postgres;

@@ -85,9 +85,10 @@ fn client_leaving_mid_upload_discards_the_upstream_connection() {
     {
         let mut c = Conn::connect(p.addr);
         c.send(b"POST /sink HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1000000\r\n\r\n");
-        c.stream.write_all(&[b'x'; 50_000]).unwrap();
+        // More than `limits.request_buffer_bytes`, so the upstream is connected.
+        c.stream.write_all(&[b'x'; 100_000]).unwrap();
         std::thread::sleep(Duration::from_millis(100));
-    } // dropped: the client is gone with 950,000 bytes unsent
+    } // dropped: the client is gone with 900,000 bytes unsent
     assert!(
         eventually(Duration::from_secs(5), || origin.closed_early() == 1),
         "the upstream saw its request body end early (connection closed, not reused)"
@@ -122,7 +123,7 @@ fn client_leaving_mid_download_discards_the_upstream_connection() {
 #[test]
 fn stale_pooled_connections_are_detected_or_retried() {
     let origin = Origin::start();
-    // Default: a connection idle longer than stale_check_idle_ms is peeked before reuse.
+    // Every reuse peeks first: a connection the upstream closed while idle is discarded.
     let p = TestProxy::start(&routes_to(origin.addr));
     let mut c = Conn::connect(p.addr);
     assert_eq!(c.get("app.test", "/idle-close").status, 200);
@@ -131,15 +132,40 @@ fn stale_pooled_connections_are_detected_or_retried() {
     assert_eq!(p.metric_sum("ringway_upstream_stale_total"), 1.0);
     drop(p);
 
-    // With the check off, the send on the dead connection fails and the idempotent request
-    // is retried once on a new connection.
-    let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
-        c.upstream.stale_check_idle_ms = 3_600_000
+    // A close that races the request (the upstream reads it and closes without answering)
+    // fails the reused connection before any response byte: the idempotent request is
+    // retried once on a new connection.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                for n in 0.. {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push_str(&line);
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    if n == 1 {
+                        return; // the second request on a connection: closed unanswered
+                    }
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            });
+        }
     });
+    let p = TestProxy::start_with(&routes_to(addr), |c| c.workers.count = 1);
     let mut c = Conn::connect(p.addr);
-    assert_eq!(c.get("app.test", "/idle-close").status, 200);
-    std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(c.get("app.test", "/again").status, 200);
+    assert_eq!(c.get("app.test", "/first").status, 200);
+    assert_eq!(c.get("app.test", "/second").status, 200);
     assert_eq!(p.metric_sum("ringway_upstream_retries_total"), 1.0);
 }
 

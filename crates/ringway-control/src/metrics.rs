@@ -354,6 +354,54 @@ pub fn render(
     per_worker(
         &mut out,
         &snaps,
+        "ringway_upstream_stray_bytes_total",
+        "counter",
+        "Pooled connections discarded because the upstream sent bytes on them while idle.",
+        |s| s.upstream_stray_bytes,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upstream_interim_exceeded_total",
+        "counter",
+        "Responses refused with 502 for too many or too long interim (1xx) responses.",
+        |s| s.upstream_interim_exceeded,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_connections_refused_per_client_total",
+        "counter",
+        "Connections closed at accept because their client address had limits.connections_per_client_max open.",
+        |s| s.connections_refused_per_client,
+    );
+    per_worker_by(
+        &mut out,
+        &snaps,
+        "ringway_slow_clients_total",
+        "Exchanges cut off because the client moved bytes below its rate floor or past its deadline.",
+        "direction",
+        |s| [("request_body", s.slow_request_bodies), ("response", s.slow_responses)],
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_ambiguous_paths_total",
+        "counter",
+        "Requests refused with 400 under a path policy because servers disagree on what their path is.",
+        |s| s.ambiguous_paths,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
+        "ringway_upgrades_refused_total",
+        "counter",
+        "Requests whose Upgrade named no protocol in headers.upgrade_protocols (the Upgrade was removed).",
+        |s| s.upgrades_refused,
+    );
+    per_worker(
+        &mut out,
+        &snaps,
         "ringway_upstream_idle_connections",
         "gauge",
         "Idle pooled upstream connections.",

@@ -154,6 +154,24 @@ pub struct LimitsConfig {
     pub body_buffer_bytes: usize,
     /// Buffers a worker keeps for reuse; more are freed when returned.
     pub buffer_pool_max: usize,
+    /// A request body up to this size is read completely before an upstream connection is
+    /// taken (a slow client then holds only its own connection); a larger one is streamed once
+    /// this much has arrived. 0: stream from the first byte.
+    pub request_buffer_bytes: usize,
+    /// Slowest average rate a client may send a request body at, counted over the time the
+    /// proxy waits for it (after `timeouts.min_rate_grace_ms`); slower: 408 and close.
+    /// 0: no floor.
+    pub request_body_rate_min_bytes_per_s: u64,
+    /// Slowest average rate a client may take a response at, counted over the time the proxy
+    /// waits for it to take bytes (after `timeouts.min_rate_grace_ms`); slower: the connection
+    /// closes and the upstream connection is let go. 0: no floor.
+    pub response_rate_min_bytes_per_s: u64,
+    /// Open connections from one client address per worker; past it new ones are closed at
+    /// once (counted). Peers in `headers.trusted_proxies` are not limited. 0: no limit.
+    pub connections_per_client_max: usize,
+    /// Interim (1xx) responses relayed for one request; one more from the upstream: 502 and
+    /// the upstream connection is discarded.
+    pub interim_responses_max: usize,
 }
 
 impl Default for LimitsConfig {
@@ -168,6 +186,11 @@ impl Default for LimitsConfig {
             buffer_bytes: 16 * 1024,
             body_buffer_bytes: 64 * 1024,
             buffer_pool_max: 1024,
+            request_buffer_bytes: 64 * 1024,
+            request_body_rate_min_bytes_per_s: 1024,
+            response_rate_min_bytes_per_s: 1024,
+            connections_per_client_max: 0,
+            interim_responses_max: 8,
         }
     }
 }
@@ -213,6 +236,13 @@ pub struct TimeoutsConfig {
     pub tunnel_idle_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits.
     pub shutdown_grace_ms: u64,
+    /// Longest time to receive a whole request body (from the end of its head); over it 408
+    /// and close. Bounds a client that keeps just above the rate floor.
+    pub body_total_ms: u64,
+    /// The rate floors (`limits.request_body_rate_min_bytes_per_s`,
+    /// `limits.response_rate_min_bytes_per_s`) apply once a client has made the proxy wait
+    /// this long: short stalls of a real client never trip them.
+    pub min_rate_grace_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -228,6 +258,8 @@ impl Default for TimeoutsConfig {
             upstream_write_ms: 30_000,
             tunnel_idle_ms: 300_000,
             shutdown_grace_ms: 10_000,
+            body_total_ms: 600_000,
+            min_rate_grace_ms: 10_000,
         }
     }
 }
@@ -245,11 +277,9 @@ pub struct UpstreamConfig {
     pub idle_per_upstream_max: usize,
     /// An idle upstream connection older than this is closed instead of reused. Keep it below
     /// the apps' own keep-alive timeout (Node.js: 5 s) so the proxy, not the app, closes first.
+    /// (Every reuse is preceded by a non-blocking peek: a connection the upstream closed or
+    /// sent unrequested bytes on while idle is discarded.)
     pub idle_timeout_ms: u64,
-    /// A pooled connection idle for at least this long is checked for a close by the upstream
-    /// (one non-blocking peek) before reuse; younger ones are reused directly, and a failure
-    /// on them is covered by the retry of idempotent requests.
-    pub stale_check_idle_ms: u64,
     /// Retry an idempotent request without a body once, on a new connection, when a reused
     /// connection fails before any response byte.
     pub retry_idempotent: bool,
@@ -260,7 +290,6 @@ impl Default for UpstreamConfig {
         Self {
             idle_per_upstream_max: 128,
             idle_timeout_ms: 4_000,
-            stale_check_idle_ms: 100,
             retry_idempotent: true,
         }
     }
@@ -287,7 +316,36 @@ pub struct HeadersConfig {
     pub request_id_in_response: bool,
     /// Response headers added when the app did not set them (or always, with `override`).
     pub security: Vec<SecurityHeader>,
+    /// Request headers removed when the peer is not a trusted proxy: forwarding-style headers
+    /// an app may believe (client address, scheme, port, prefix, rewritten URL). Matched
+    /// ignoring case, `_` taken for `-`. X-Forwarded-For, -Proto, -Host and X-Request-ID are
+    /// always replaced by the proxy's own.
+    pub untrusted_strip: Vec<String>,
+    /// Protocols a request may upgrade to (`Upgrade` tokens, version ignored). Any other token
+    /// (h2c above all) is removed, so no tunnel opens that skips per-request routing and
+    /// policy.
+    pub upgrade_protocols: Vec<String>,
 }
+
+/// The default `headers.untrusted_strip`.
+pub const UNTRUSTED_STRIP_DEFAULT: &[&str] = &[
+    "Forwarded",
+    "X-Real-IP",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Ssl",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Server",
+    "X-Host",
+    "True-Client-IP",
+    "X-Client-IP",
+    "Client-IP",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+    "X-Cluster-Client-IP",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+];
 
 impl Default for HeadersConfig {
     fn default() -> Self {
@@ -304,6 +362,11 @@ impl Default for HeadersConfig {
                 h("X-Frame-Options", "SAMEORIGIN"),
                 h("Referrer-Policy", "strict-origin-when-cross-origin"),
             ],
+            untrusted_strip: UNTRUSTED_STRIP_DEFAULT
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            upgrade_protocols: vec!["websocket".into()],
         }
     }
 }
@@ -529,6 +592,8 @@ pub enum ConfigError {
     NoListener,
     #[error("security header {0:?} is not a valid header")]
     BadHeader(String),
+    #[error("{key}: {name:?} is not a header name or token of at most 63 bytes")]
+    BadName { key: &'static str, name: String },
     #[error(
         "postgres.url is empty but routes.store = \"postgres\" or postgres.logs.enabled needs it"
     )]
@@ -632,13 +697,6 @@ impl Config {
             1,
             86_400_000,
             "1 ms to 1 day",
-        )?;
-        range(
-            "upstream.stale_check_idle_ms",
-            u.stale_check_idle_ms,
-            0,
-            86_400_000,
-            "0 to 1 day",
         )?;
         range(
             "routes.poll_interval_ms",
@@ -806,6 +864,48 @@ impl Config {
             3600,
             2 * 365 * 86_400,
             "1 hour to 2 years",
+        )?;
+        for (key, names) in [
+            ("headers.untrusted_strip", &self.headers.untrusted_strip),
+            ("headers.upgrade_protocols", &self.headers.upgrade_protocols),
+        ] {
+            if let Some(bad) = names
+                .iter()
+                .find(|n| n.len() > 63 || !ringway_proto::token::is_token(n.as_bytes()))
+            {
+                return Err(ConfigError::BadName {
+                    key,
+                    name: bad.clone(),
+                });
+            }
+        }
+        range(
+            "limits.interim_responses_max",
+            l.interim_responses_max,
+            0,
+            1000,
+            "0 to 1,000",
+        )?;
+        range(
+            "limits.request_buffer_bytes",
+            l.request_buffer_bytes,
+            0,
+            64 << 20,
+            "0 to 64 MiB",
+        )?;
+        range(
+            "timeouts.body_total_ms",
+            t.body_total_ms,
+            1,
+            7 * 86_400_000,
+            "1 ms to 7 days",
+        )?;
+        range(
+            "timeouts.min_rate_grace_ms",
+            t.min_rate_grace_ms,
+            0,
+            3_600_000,
+            "0 to 1 hour",
         )?;
         for h in &self.headers.security {
             let name_ok = ringway_proto::token::is_token(h.name.as_bytes());

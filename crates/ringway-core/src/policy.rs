@@ -219,6 +219,17 @@ impl Policy {
         None
     }
 
+    /// Whether any rule looks at the request path: only then is the path normalised (and
+    /// refused when servers would disagree on it).
+    pub fn reads_path(&self) -> bool {
+        !self.block_paths.is_empty()
+            || self
+                .rate_limits
+                .iter()
+                .any(|r| r.path_prefix.is_some() || r.per_path)
+            || self.challenge.is_some()
+    }
+
     /// Whether nothing is enforced: such a policy still replaces its project's for a host
     /// (an exemption), so stores keep it; tests and tools use this to say so.
     pub fn is_noop(&self) -> bool {
@@ -233,7 +244,7 @@ impl Policy {
 }
 
 /// Longest path the policy phase normalises (the request line limit, 8 KiB, bounds real
-/// ones); a longer one is matched as it came.
+/// ones); a longer one that needs normalising is refused (414).
 pub const POLICY_PATH_BYTES_MAX: usize = 8192;
 
 fn unreserved(b: u8) -> bool {
@@ -249,74 +260,183 @@ fn hex_val(b: u8) -> Option<u8> {
     }
 }
 
-/// Whether `normalize_path` would change anything (most paths: no, and the caller can skip
-/// the buffer).
-#[inline]
-pub fn path_needs_normalizing(path: &[u8]) -> bool {
-    path.contains(&b'%') || path.windows(2).any(|w| w == b"//" || w == b"/.")
+/// The byte `%XY` at `path[i..]` encodes, if it is a well-formed escape.
+fn escape_at(path: &[u8], i: usize) -> Option<u8> {
+    let h = hex_val(*path.get(i + 1)?)?;
+    let l = hex_val(*path.get(i + 2)?)?;
+    Some(h << 4 | l)
 }
 
-/// The path as an upstream would resolve it, for the policy's prefix rules (block paths,
-/// rate-limit prefixes, challenge paths and exemptions): percent-encoded unreserved
-/// characters decoded (RFC 3986 §6.2.2.2), `//` collapsed, `.` and `..` segments removed
-/// (§5.2.4). Without it `/%77p-admin`, `//wp-admin` or `/api/../shop` would slip past a rule
-/// that the upstream then serves anyway. Encoded `/` (`%2F`) stays encoded, as most servers
-/// keep it. Returns `path` itself when there is nothing to do.
-pub fn normalize_path<'a>(path: &'a [u8], buf: &'a mut [u8; POLICY_PATH_BYTES_MAX]) -> &'a [u8] {
-    if !path_needs_normalizing(path) || path.len() > buf.len() {
-        return path;
+/// Why a path is refused instead of matched: servers disagree on what it is, so no single
+/// spelling can be checked against the rules (`docs/policy.md` has the table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// Longer than [`POLICY_PATH_BYTES_MAX`] and in need of normalising.
+    TooLong,
+    /// A `%` not followed by two hex digits (nginx refuses these with 400; IIS once read
+    /// `%uXXXX`).
+    BadEscape,
+    /// `%00`: C-based servers end the path there.
+    Nul,
+    /// `%25` encoding a `.`, `/`, `\` or NUL escape (`%252e`): an app that decodes twice sees
+    /// a different path than every rule.
+    DoubleEncoded,
+    /// An overlong UTF-8 encoding (`%c0%af` for `/`): old IIS and some decoders take it for
+    /// the ASCII character.
+    Overlong,
+    /// A `.` or `..` segment with `;` parameters (`/..;/`): Tomcat and Spring take it for a
+    /// dot segment and climb, nginx takes it for a name.
+    DotSegmentParams,
+}
+
+impl PathError {
+    /// For logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            PathError::TooLong => "path_too_long",
+            PathError::BadEscape => "ambiguous_path_escape",
+            PathError::Nul => "ambiguous_path_nul",
+            PathError::DoubleEncoded => "ambiguous_path_double_encoding",
+            PathError::Overlong => "ambiguous_path_overlong_utf8",
+            PathError::DotSegmentParams => "ambiguous_path_dot_params",
+        }
     }
+}
+
+/// Whether `normalize_path` would change (or refuse) anything: most paths hold none of these
+/// bytes, and the caller skips the buffer.
+#[inline]
+pub fn path_needs_normalizing(path: &[u8]) -> bool {
+    path.iter().any(|&b| matches!(b, b'%' | b'\\' | b';'))
+        || path.windows(2).any(|w| w == b"//" || w == b"/.")
+}
+
+/// What one input position is, for the normaliser.
+enum Token {
+    /// A path byte (already decoded where decoding is safe).
+    Byte(u8),
+    /// An escape kept as it came (a reserved or non-ASCII byte): three bytes of output.
+    Kept,
+    /// A segment separator: `/`, and what servers take for one (`\`, `%2F`, `%5C`).
+    Slash,
+    /// `;`: path parameters follow, up to the next separator.
+    Params,
+}
+
+/// Reads the token at `path[i..]`; returns it and its length in the input.
+fn token_at(path: &[u8], i: usize) -> Result<(Token, usize), PathError> {
+    match path[i] {
+        b'/' | b'\\' => Ok((Token::Slash, 1)),
+        b';' => Ok((Token::Params, 1)),
+        b'%' => {
+            let v = escape_at(path, i).ok_or(PathError::BadEscape)?;
+            let next = escape_at(path, i + 3);
+            match v {
+                0 => Err(PathError::Nul),
+                b'/' | b'\\' => Ok((Token::Slash, 3)),
+                // `%25` followed by what would be `%2e`, `%2f`, `%5c` or `%00` once decoded.
+                b'%' if matches!(
+                    (path.get(i + 3).copied().and_then(hex_val), path.get(i + 4).copied().and_then(hex_val)),
+                    (Some(h), Some(l)) if matches!(h << 4 | l, 0x2e | 0x2f | 0x5c | 0x00)
+                ) =>
+                {
+                    Err(PathError::DoubleEncoded)
+                }
+                0xc0 | 0xc1 => Err(PathError::Overlong),
+                0xe0 if next.is_some_and(|b| (0x80..0xa0).contains(&b)) => Err(PathError::Overlong),
+                0xf0 if next.is_some_and(|b| (0x80..0x90).contains(&b)) => Err(PathError::Overlong),
+                v if unreserved(v) => Ok((Token::Byte(v), 3)),
+                _ => Ok((Token::Kept, 3)),
+            }
+        }
+        b => Ok((Token::Byte(b), 1)),
+    }
+}
+
+/// The path as the upstream servers in use would resolve it, for the policy's prefix rules
+/// (block paths, rate-limit prefixes, challenge paths and exemptions), so that no spelling of
+/// `/wp-admin` that a mainstream server routes to `/wp-admin` slips past a rule for it:
+/// - percent-encoded unreserved characters decoded (RFC 3986 §6.2.2.2: `/%77p-admin`);
+/// - `%2F`, `%5C` and `\` taken as `/` (nginx decodes `%2F` before resolving dot segments,
+///   IIS takes `\` for `/`): `/a%2F..%2Fwp-admin` is `/wp-admin`;
+/// - `;` path parameters dropped from each segment (Tomcat, Spring): `/wp-admin;x=1/`;
+/// - `//` collapsed, `.` and `..` segments removed, never above the root (§5.2.4).
+///
+/// Other reserved or non-ASCII escapes stay encoded. Spellings on which servers disagree are
+/// refused ([`PathError`]). Returns `path` itself when there is nothing to do. The forwarded
+/// request keeps the path as the client sent it.
+pub fn normalize_path<'a>(
+    path: &'a [u8],
+    buf: &'a mut [u8; POLICY_PATH_BYTES_MAX],
+) -> Result<&'a [u8], PathError> {
+    if !path_needs_normalizing(path) {
+        return Ok(path);
+    }
+    if path.len() > buf.len() {
+        return Err(PathError::TooLong);
+    }
+    // Output never outgrows the input: decoding shrinks, removals shrink, `\` stays 1 byte.
     let mut o = 0usize;
     // Start of the segment being written (just after its slash).
     let mut seg = 0usize;
     let mut i = 0usize;
-    // Closes the segment out[seg..o]: drops `.`, and `..` with the segment before it.
-    let close = |buf: &mut [u8; POLICY_PATH_BYTES_MAX], o: &mut usize, seg: usize| {
-        let s = &buf[seg..*o];
-        if s == b"." {
-            *o = seg;
-        } else if s == b".." {
-            *o = seg;
-            if *o >= 2 {
-                // Back over the slash ending the previous segment, then to its start.
-                let prev = buf[..*o - 1]
-                    .iter()
-                    .rposition(|&b| b == b'/')
-                    .map_or(0, |p| p + 1);
-                *o = prev.max(1);
-            }
-        }
-    };
+    // Inside `;` parameters: input is skipped up to the next separator.
+    let mut params = false;
     while i < path.len() {
-        let mut c = path[i];
-        let mut step = 1;
-        if c == b'%'
-            && i + 2 < path.len()
-            && let (Some(h), Some(l)) = (hex_val(path[i + 1]), hex_val(path[i + 2]))
-            && unreserved(h << 4 | l)
-        {
-            c = h << 4 | l;
-            step = 3;
-        }
-        i += step;
-        if c == b'/' {
-            close(buf, &mut o, seg);
-            if o == 0 || buf[o - 1] != b'/' {
-                buf[o] = b'/';
+        let (t, step) = token_at(path, i)?;
+        match t {
+            Token::Slash => {
+                params = false;
+                close_segment(buf, &mut o, seg);
+                if o == 0 || buf[o - 1] != b'/' {
+                    buf[o] = b'/';
+                    o += 1;
+                }
+                seg = o;
+            }
+            _ if params => {}
+            Token::Params => {
+                if matches!(&buf[seg..o], b"." | b"..") {
+                    return Err(PathError::DotSegmentParams);
+                }
+                params = true;
+            }
+            Token::Byte(b) => {
+                buf[o] = b;
                 o += 1;
             }
-            seg = o;
-        } else {
-            buf[o] = c;
-            o += 1;
+            Token::Kept => {
+                buf[o..o + 3].copy_from_slice(&path[i..i + 3]);
+                o += 3;
+            }
         }
+        i += step;
     }
-    close(buf, &mut o, seg);
+    close_segment(buf, &mut o, seg);
     if o == 0 {
         buf[0] = b'/';
         o = 1;
     }
-    &buf[..o]
+    debug_assert!(o <= path.len().max(1));
+    Ok(&buf[..o])
+}
+
+/// Closes the segment `buf[seg..o]`: drops `.`, and `..` with the segment before it.
+fn close_segment(buf: &[u8; POLICY_PATH_BYTES_MAX], o: &mut usize, seg: usize) {
+    let s = &buf[seg..*o];
+    if s == b"." {
+        *o = seg;
+    } else if s == b".." {
+        *o = seg;
+        if *o >= 2 {
+            // Back over the slash ending the previous segment, then to its start.
+            let prev = buf[..*o - 1]
+                .iter()
+                .rposition(|&b| b == b'/')
+                .map_or(0, |p| p + 1);
+            *o = prev.max(1);
+        }
+    }
 }
 
 /// Whether `hay` starts with `prefix` ignoring ASCII case; `prefix` is lower case.
@@ -748,7 +868,7 @@ mod tests {
     fn paths_are_normalised_as_an_upstream_would() {
         let n = |p: &str| {
             let mut buf = [0u8; POLICY_PATH_BYTES_MAX];
-            String::from_utf8(normalize_path(p.as_bytes(), &mut buf).to_vec()).unwrap()
+            normalize_path(p.as_bytes(), &mut buf).map(|p| String::from_utf8(p.to_vec()).unwrap())
         };
         for (raw, want) in [
             ("/wp-admin/x", "/wp-admin/x"),
@@ -761,21 +881,63 @@ mod tests {
             ("/a/b/..", "/a/"),
             ("/a/..", "/"),
             ("/api/..//shop", "/shop"),
-            ("/a%2Fb", "/a%2Fb"),
-            ("/100%", "/100%"),
-            ("/%zz", "/%zz"),
             ("/...", "/..."),
             ("/.well-known/x", "/.well-known/x"),
+            // nginx: %2F decoded before dot segments and slash merging.
+            ("/a%2Fb", "/a/b"),
+            ("/a%2F..%2Fwp-admin", "/wp-admin"),
+            ("/x%2f%2e%2e%2fwp-admin", "/wp-admin"),
+            // IIS: backslash is a slash, encoded or not.
+            ("/x\\..\\wp-admin", "/wp-admin"),
+            ("/x%5C..%5Cwp-admin", "/wp-admin"),
+            // Tomcat, Spring: ;parameters dropped from every segment.
+            ("/wp-admin;jsessionid=1/x", "/wp-admin/x"),
+            ("/;x/wp-admin", "/wp-admin"),
+            ("/a;b/../wp-admin", "/wp-admin"),
+            // Reserved and non-ASCII escapes stay encoded.
+            ("/a%3Bb", "/a%3Bb"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+            ("/%25", "/%25"),
+            ("/100%2541", "/100%2541"),
         ] {
-            assert_eq!(n(raw), want, "{raw}");
+            assert_eq!(n(raw), Ok(want.to_string()), "{raw}");
         }
+        for (raw, why) in [
+            ("/100%", PathError::BadEscape),
+            ("/%zz", PathError::BadEscape),
+            ("/%u0077p-admin", PathError::BadEscape),
+            ("/wp-admin%00.png", PathError::Nul),
+            ("/x/%252e%252e/wp-admin", PathError::DoubleEncoded),
+            ("/x%252Fwp-admin", PathError::DoubleEncoded),
+            ("/x/%c0%ae%c0%ae/wp-admin", PathError::Overlong),
+            ("/x%c0%afwp-admin", PathError::Overlong),
+            ("/x%e0%80%afwp-admin", PathError::Overlong),
+            ("/public/..;/wp-admin", PathError::DotSegmentParams),
+            ("/public/.;x/a", PathError::DotSegmentParams),
+            ("/public/%2e%2e;/wp-admin", PathError::DotSegmentParams),
+        ] {
+            assert_eq!(n(raw), Err(why), "{raw}");
+        }
+        let long = format!("/{}%2e", "a".repeat(POLICY_PATH_BYTES_MAX));
+        assert_eq!(n(&long), Err(PathError::TooLong));
+        assert_eq!(
+            n(&"a".repeat(POLICY_PATH_BYTES_MAX * 2)).map(|p| p.len()),
+            Ok(POLICY_PATH_BYTES_MAX * 2)
+        );
         let p = Policy {
             block_paths: vec![b"/wp-admin".to_vec().into_boxed_slice()].into(),
             ..Policy::default()
         };
         let mut buf = [0u8; POLICY_PATH_BYTES_MAX];
-        for raw in ["/WP-Admin/", "//wp-admin", "/x/../%77p-admin"] {
-            let path = normalize_path(raw.as_bytes(), &mut buf);
+        for raw in [
+            "/WP-Admin/",
+            "//wp-admin",
+            "/x/../%77p-admin",
+            "/x%2F..%2Fwp-admin",
+            "/x\\..\\WP-ADMIN",
+            "/;a=b/wp-admin;c=d",
+        ] {
+            let path = normalize_path(raw.as_bytes(), &mut buf).unwrap();
             assert_eq!(p.blocked(b"", path), Some("blocked_path"), "{raw}");
         }
         assert_eq!(p.blocked(b"", b"/wp-login"), None);

@@ -87,11 +87,18 @@ pub fn normalize_pattern(pattern: &str) -> Result<String, PatternError> {
 
 /// Normalises a Host header value (or absolute-form authority) for lookup: port stripped,
 /// ASCII lower-cased, one trailing dot removed. Writes into `out` so the hot path allocates
-/// nothing. `None` if the value is not a host name.
+/// nothing. `None` if the value is not a usable host name: empty (``, `.`, `:80`), starting
+/// with a dot or holding an empty label (`..`), as nginx refuses them: such a value could only
+/// ever reach the default route, and names nothing a certificate or a route can cover.
 pub fn normalize_host<'o>(raw: &[u8], out: &'o mut [u8; HOST_BYTES_MAX]) -> Option<&'o str> {
     let (host, _port) = ringway_proto::token::split_host_port(raw)?;
     let host = host.strip_suffix(b".").unwrap_or(host);
-    if host.len() > HOST_BYTES_MAX {
+    if host.len() > HOST_BYTES_MAX
+        || host.is_empty()
+        || host[0] == b'.'
+        || host[host.len() - 1] == b'.'
+        || host.windows(2).any(|w| w == b"..")
+    {
         return None;
     }
     let out = &mut out[..host.len()];
@@ -275,6 +282,18 @@ mod tests {
         );
         assert_eq!(normalize_host(b"[::1]:80", &mut buf), Some("[::1]"));
         assert_eq!(normalize_host(b"a b", &mut buf), None);
+        for unusable in [
+            &b""[..],
+            b".",
+            b":80",
+            b"..",
+            b".a.com",
+            b"a..com",
+            b"a.com..",
+            b"[]",
+        ] {
+            assert_eq!(normalize_host(unusable, &mut buf), None, "{unusable:?}");
+        }
         let long = "a".repeat(300);
         assert_eq!(normalize_host(long.as_bytes(), &mut buf), None);
         assert_eq!(

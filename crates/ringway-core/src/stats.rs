@@ -89,6 +89,20 @@ pub struct WorkerStats {
     /// Pooled connections found closed by the upstream before reuse.
     pub upstream_stale: Counter,
     pub upstream_idle: Counter,
+    /// Pooled connections discarded because the upstream sent bytes on them while idle.
+    pub upstream_stray_bytes: Counter,
+    /// Responses refused (502) for too many or too long interim (1xx) responses.
+    pub upstream_interim_exceeded: Counter,
+    /// Connections closed at accept: their address had `limits.connections_per_client_max` open.
+    pub connections_refused_per_client: Counter,
+    /// Request bodies cut off below the rate floor or past `timeouts.body_total_ms` (408).
+    pub slow_request_bodies: Counter,
+    /// Responses cut off because the client took them slower than the rate floor.
+    pub slow_responses: Counter,
+    /// Requests refused (400) under a path policy because their path is ambiguous.
+    pub ambiguous_paths: Counter,
+    /// Requests whose Upgrade named no allowed protocol (the Upgrade was removed).
+    pub upgrades_refused: Counter,
     /// Requests refused before reaching an upstream (malformed, too large, timed out).
     pub client_errors: Counter,
     pub tunnels: Counter,
@@ -156,6 +170,13 @@ impl WorkerStats {
             upstream_retries: Counter::default(),
             upstream_stale: Counter::default(),
             upstream_idle: Counter::default(),
+            upstream_stray_bytes: Counter::default(),
+            upstream_interim_exceeded: Counter::default(),
+            connections_refused_per_client: Counter::default(),
+            slow_request_bodies: Counter::default(),
+            slow_responses: Counter::default(),
+            ambiguous_paths: Counter::default(),
+            upgrades_refused: Counter::default(),
             client_errors: Counter::default(),
             tunnels: Counter::default(),
             log_records: Counter::default(),
@@ -240,6 +261,13 @@ impl WorkerStats {
             upstream_retries: self.upstream_retries.get(),
             upstream_stale: self.upstream_stale.get(),
             upstream_idle: self.upstream_idle.get(),
+            upstream_stray_bytes: self.upstream_stray_bytes.get(),
+            upstream_interim_exceeded: self.upstream_interim_exceeded.get(),
+            connections_refused_per_client: self.connections_refused_per_client.get(),
+            slow_request_bodies: self.slow_request_bodies.get(),
+            slow_responses: self.slow_responses.get(),
+            ambiguous_paths: self.ambiguous_paths.get(),
+            upgrades_refused: self.upgrades_refused.get(),
             client_errors: self.client_errors.get(),
             tunnels: self.tunnels.get(),
             log_records: self.log_records.get(),
@@ -291,6 +319,13 @@ pub struct StatsSnapshot {
     pub upstream_retries: u64,
     pub upstream_stale: u64,
     pub upstream_idle: u64,
+    pub upstream_stray_bytes: u64,
+    pub upstream_interim_exceeded: u64,
+    pub connections_refused_per_client: u64,
+    pub slow_request_bodies: u64,
+    pub slow_responses: u64,
+    pub ambiguous_paths: u64,
+    pub upgrades_refused: u64,
     pub client_errors: u64,
     pub tunnels: u64,
     pub log_records: u64,

@@ -279,6 +279,32 @@ pub struct RequestMeta {
     pub extra_connection_options: bool,
 }
 
+/// A request target in origin-form: `rest` with a `/` in front when `slash` is set (the
+/// absolute-form target had no path). Borrowed, so the request line can be written without
+/// building the target first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginTarget<'b> {
+    pub slash: bool,
+    pub rest: &'b [u8],
+}
+
+impl OriginTarget<'_> {
+    /// Appends the target to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        if self.slash {
+            out.push(b'/');
+        }
+        out.extend_from_slice(self.rest);
+    }
+
+    /// The target as one owned byte string.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.rest.len() + 1);
+        self.write_to(&mut v);
+        v
+    }
+}
+
 /// A parsed request head borrowing the receive buffer.
 #[derive(Debug)]
 pub struct Request<'h, 'b> {
@@ -540,18 +566,33 @@ impl<'b> Request<'_, 'b> {
         self.meta.host.map(|i| self.headers[i].value)
     }
 
-    /// The target in origin-form (path and query), as sent to the upstream.
-    pub fn origin_target(&self) -> &'b [u8] {
-        let t = &self.target[self.meta.path_start..];
-        if t.is_empty() { b"/" } else { t }
+    /// The target in origin-form (path and query), as sent to the upstream. An absolute-form
+    /// target with an empty path (`http://a.example?x=1`) is `/?x=1` (RFC 9112 §3.2.1: the
+    /// path of an origin-form target is never empty).
+    pub fn origin_target(&self) -> OriginTarget<'b> {
+        let rest = &self.target[self.meta.path_start..];
+        OriginTarget {
+            slash: rest.first() != Some(&b'/'),
+            rest,
+        }
     }
 
-    /// Path without the query string, for logs.
+    /// Path without the query string (`/` when the target has none), for logs and policies.
     pub fn path(&self) -> &'b [u8] {
-        let t = self.origin_target();
-        match memchr::memchr(b'?', t) {
+        let t = &self.target[self.meta.path_start..];
+        let p = match memchr::memchr(b'?', t) {
             Some(i) => &t[..i],
             None => t,
+        };
+        if p.is_empty() { b"/" } else { p }
+    }
+
+    /// The query string without its `?` (empty when there is none).
+    pub fn query(&self) -> &'b [u8] {
+        let t = &self.target[self.meta.path_start..];
+        match memchr::memchr(b'?', t) {
+            Some(i) => &t[i + 1..],
+            None => &[],
         }
     }
 
@@ -591,6 +632,9 @@ pub struct ResponseMeta {
     /// 101 with Connection: upgrade and an Upgrade header.
     pub upgrade: bool,
     pub extra_connection_options: bool,
+    /// A Content-Length above 0 or a Transfer-Encoding was sent, whether or not the status
+    /// allows a body (a 204 that says so may send one anyway).
+    pub declares_body: bool,
 }
 
 /// A parsed response head borrowing the upstream receive buffer.
@@ -675,6 +719,7 @@ pub fn parse_response<'h, 'b>(
             keep_alive,
             upgrade: status == 101 && f.conn_upgrade && f.upgrade_header,
             extra_connection_options: f.conn_other,
+            declares_body: f.te_seen || f.content_length.is_some_and(|n| n > 0),
         },
     })
 }
@@ -967,8 +1012,28 @@ mod tests {
         let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
         let r = parse_request(raw, &limits(), &mut slots).unwrap();
         assert_eq!(r.authority(), Some(&b"Example.com:80"[..]));
-        assert_eq!(r.origin_target(), b"/x?y");
+        assert_eq!(r.origin_target().to_vec(), b"/x?y");
         assert_eq!(r.path(), b"/x");
+        assert_eq!(r.query(), b"y");
+        // An absolute-form target without a path has the path "/" (RFC 9112 §3.2.1).
+        for (raw, target, query) in [
+            (
+                &b"GET http://a.example?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+                &b"/?x=1"[..],
+                &b"x=1"[..],
+            ),
+            (
+                b"GET http://a.example HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"/",
+                b"",
+            ),
+        ] {
+            let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+            let r = parse_request(raw, &limits(), &mut slots).unwrap();
+            assert_eq!(r.origin_target().to_vec(), target);
+            assert_eq!(r.path(), b"/");
+            assert_eq!(r.query(), query);
+        }
         assert_eq!(status_of(b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status_of(b"GET x HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status_of(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), 400);

@@ -18,8 +18,8 @@ pub mod write;
 
 pub use chunked::{ChunkError, ChunkedDecoder, Decoded};
 pub use head::{
-    BodyFraming, HeadError, HeadLimits, Method, Request, RequestMeta, Response, ResponseFraming,
-    ResponseMeta, Version, parse_request, parse_response, scan_head,
+    BodyFraming, HeadError, HeadLimits, Method, OriginTarget, Request, RequestMeta, Response,
+    ResponseFraming, ResponseMeta, Version, parse_request, parse_response, scan_head,
 };
 pub use write::HeadWriter;
 

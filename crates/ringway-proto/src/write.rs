@@ -18,10 +18,10 @@ impl<'a> HeadWriter<'a> {
     }
 
     /// `METHOD SP target SP HTTP/1.1 CRLF`. The proxy always speaks HTTP/1.1 to upstreams.
-    pub fn request_line(&mut self, method: &[u8], target: &[u8]) -> &mut Self {
+    pub fn request_line(&mut self, method: &[u8], target: crate::OriginTarget<'_>) -> &mut Self {
         self.out.extend_from_slice(method);
         self.out.push(b' ');
-        self.out.extend_from_slice(target);
+        target.write_to(self.out);
         self.out.extend_from_slice(b" HTTP/1.1\r\n");
         self
     }

@@ -63,14 +63,20 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener, tls:
         match accepted {
             Ok((stream, peer)) => {
                 set_cloexec(&stream);
-                w.active.set(w.active.get() + 1);
                 w.stats.connections_accepted.inc();
+                let proxied = w.settings.proxy_protocol
+                    && ringway_core::cidr::any_contains(&w.settings.proxy_protocol_from, peer.ip());
+                let Ok(counted) = count_client(&w, peer, proxied) else {
+                    // Closed at once, before anything is read or allocated for it.
+                    w.stats.connections_refused_per_client.inc();
+                    drop(stream);
+                    continue;
+                };
+                w.active.set(w.active.get() + 1);
                 w.stats.connections_active.inc();
                 // The connection frees its slot when it closes (conn::closed), whether from
                 // this task or, after parking, from the parking lot or a resumed task.
-                if w.settings.proxy_protocol
-                    && ringway_core::cidr::any_contains(&w.settings.proxy_protocol_from, peer.ip())
-                {
+                if proxied {
                     monoio::spawn(conn::serve_proxied(
                         w.clone(),
                         stream,
@@ -79,9 +85,21 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener, tls:
                         tls,
                     ));
                 } else if tls {
-                    monoio::spawn(conn::serve_tls(w.clone(), stream, peer, Instant::now()));
+                    monoio::spawn(conn::serve_tls(
+                        w.clone(),
+                        stream,
+                        peer,
+                        Instant::now(),
+                        counted,
+                    ));
                 } else {
-                    monoio::spawn(conn::serve(w.clone(), stream, peer, Instant::now()));
+                    monoio::spawn(conn::serve(
+                        w.clone(),
+                        stream,
+                        peer,
+                        Instant::now(),
+                        counted,
+                    ));
                 }
             }
             Err(e) => {
@@ -94,6 +112,26 @@ pub async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener, tls:
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// Counts a new connection against `limits.connections_per_client_max`. `Ok(None)`: not
+/// counted (no limit, or a trusted proxy or PROXY protocol balancer, which carries many
+/// clients); `Err`: the client is at its limit.
+fn count_client(
+    w: &Worker,
+    peer: SocketAddr,
+    proxied: bool,
+) -> Result<Option<crate::worker::ClientKey>, ()> {
+    let max = w.settings.connections_per_client_max;
+    if max == 0 || proxied || crate::access::is_trusted(peer.ip(), &w.settings.trusted_proxies) {
+        return Ok(None);
+    }
+    let key = crate::worker::ClientKey::of(peer.ip());
+    if w.clients.borrow_mut().admit(key, max) {
+        Ok(Some(key))
+    } else {
+        Err(())
     }
 }
 

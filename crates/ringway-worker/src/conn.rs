@@ -17,7 +17,7 @@ use crate::io::{RecvBuf, Timed};
 use crate::parking::Parked;
 use crate::proxy::{self, Client, Next, Upgraded};
 use crate::tls::TlsConn;
-use crate::worker::Worker;
+use crate::worker::{ClientKey, Worker};
 use monoio::net::TcpStream;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,11 +32,18 @@ enum Busy {
     Upgrade(Box<Upgraded>),
 }
 
-fn client<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, trusted: bool) -> Client<S> {
+fn client<S: ClientIo>(
+    w: &Worker,
+    io: S,
+    peer: SocketAddr,
+    trusted: bool,
+    counted: Option<ClientKey>,
+) -> Client<S> {
     Client {
         io: Timed::new(io, w.deadlines.clone()),
         peer,
         trusted,
+        counted,
         rb: RecvBuf::default(),
     }
 }
@@ -47,12 +54,13 @@ pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
+    counted: Option<ClientKey>,
 ) -> impl Future<Output = ()> {
     // Not async itself: an async fn would keep its arguments beside the `Client` built from
     // them, and this future is what every waiting connection costs.
     let _ = stream.set_nodelay(true);
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
-    let c = client(&w, stream, peer, trusted);
+    let c = client(&w, stream, peer, trusted, counted);
     // A new connection starts busy: its first request is usually already on the way.
     run(w, c, accepted, 0, false, false)
 }
@@ -77,7 +85,7 @@ pub async fn serve_proxied(
             Ok(None) => {}
             Err(_) => {
                 w.stats.proxy_protocol_errors.inc();
-                closed(&w);
+                closed(&w, None);
                 return;
             }
         }
@@ -89,7 +97,7 @@ pub async fn serve_proxied(
         };
         if !matches!(r, Ok(n) if n > 0) {
             w.stats.proxy_protocol_errors.inc();
-            closed(&w);
+            closed(&w, None);
             return;
         }
     };
@@ -99,20 +107,36 @@ pub async fn serve_proxied(
     };
     let leftover = rb.buf.split_off(n);
     let stream = io.io;
+    // Connections from a balancer are not held to the per-client limit (the balancer's own
+    // limits apply before it).
     if tls {
-        Box::pin(serve_tls_with(w, stream, client_addr, accepted, &leftover)).await;
+        Box::pin(serve_tls_with(
+            w,
+            stream,
+            client_addr,
+            accepted,
+            &leftover,
+            None,
+        ))
+        .await;
     } else {
         let trusted = access::is_trusted(client_addr.ip(), &w.settings.trusted_proxies);
-        let mut c = client(&w, stream, client_addr, trusted);
+        let mut c = client(&w, stream, client_addr, trusted, None);
         c.rb.buf = leftover;
         Box::pin(run(w, c, accepted, 0, false, false)).await;
     }
 }
 
 /// Serves a freshly accepted TLS connection: handshake (within its timeout), then requests.
-pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, accepted: Instant) {
+pub async fn serve_tls(
+    w: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    counted: Option<ClientKey>,
+) {
     let _ = stream.set_nodelay(true);
-    serve_tls_with(w, stream, peer, accepted, &[]).await
+    serve_tls_with(w, stream, peer, accepted, &[], counted).await
 }
 
 async fn serve_tls_with(
@@ -121,9 +145,10 @@ async fn serve_tls_with(
     peer: SocketAddr,
     accepted: Instant,
     read_ahead: &[u8],
+    counted: Option<ClientKey>,
 ) {
     let Some(config) = w.tls.clone() else {
-        closed(&w);
+        closed(&w, counted);
         return;
     };
     let conn = match TlsConn::new(stream, config) {
@@ -132,12 +157,12 @@ async fn serve_tls_with(
             c
         }
         Err(_) => {
-            closed(&w);
+            closed(&w, counted);
             return;
         }
     };
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
-    let mut c = client(&w, conn, peer, trusted);
+    let mut c = client(&w, conn, peer, trusted, counted);
     let r = Box::pin(crate::tls::handshake(
         &mut c.io,
         &w.certs,
@@ -148,7 +173,7 @@ async fn serve_tls_with(
     if let Err(e) = r {
         tracing::debug!(worker = w.id, %peer, ?e, "TLS handshake failed");
         c.io.release();
-        closed(&w);
+        closed(&w, counted);
         return;
     }
     c.io.release();
@@ -161,18 +186,19 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
         stream,
         peer,
         trusted,
+        counted,
         served,
         accepted,
         registered,
         tls,
     } = p;
     let Ok(stream) = TcpStream::from_std(stream) else {
-        closed(&w);
+        closed(&w, counted);
         return;
     };
     match tls {
         None => {
-            let c = client(&w, stream, peer, trusted);
+            let c = client(&w, stream, peer, trusted, counted);
             Box::pin(run(w, c, accepted, served, true, registered)).await;
         }
         Some(t) => {
@@ -182,16 +208,21 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
                 TlsConn::from_parts(stream, session, Some(info)),
                 peer,
                 trusted,
+                counted,
             );
             Box::pin(run(w, c, accepted, served, true, registered)).await;
         }
     }
 }
 
-/// A connection ended: free its slot.
-pub fn closed(w: &Worker) {
+/// A connection ended: free its slot, and its client's (`counted`: the key it was counted
+/// under by the per-client limit).
+pub fn closed(w: &Worker, counted: Option<ClientKey>) {
     w.active.set(w.active.get() - 1);
     w.stats.connections_active.sub(1);
+    if let Some(k) = counted {
+        w.clients.borrow_mut().release(k);
+    }
     w.slot_freed.notify();
 }
 
@@ -232,13 +263,18 @@ async fn run<S: ClientIo>(
         if w.settings.park_idle && !w.shutdown.is_fired() && c.io.io.can_park() {
             // Hand the socket to the parking lot and end this task.
             let Client {
-                io, peer, trusted, ..
+                io,
+                peer,
+                trusted,
+                counted,
+                ..
             } = c;
             let (stream, tls) = io.into_inner().into_parked();
             let p = Parked {
                 stream,
                 peer,
                 trusted,
+                counted,
                 served,
                 accepted,
                 registered,
@@ -260,7 +296,9 @@ async fn run<S: ClientIo>(
         readable = true;
     };
     tracing::debug!(worker = w.id, peer = %c.peer, served, "closing connection");
-    let Client { io, rb, .. } = c;
+    let Client {
+        io, rb, counted, ..
+    } = c;
     let rb = match upgraded {
         Some(u) => Box::pin(tunnel(&w, io.into_inner(), rb, u)).await,
         None => rb,
@@ -268,7 +306,7 @@ async fn run<S: ClientIo>(
     if rb.buf.capacity() > 0 {
         w.bufs.put(rb.buf);
     }
-    closed(&w);
+    closed(&w, counted);
 }
 
 /// A connection the parking lot could not take waits in a task of its own instead.
@@ -277,23 +315,24 @@ async fn resume_refused(w: Rc<Worker>, p: Parked) {
         stream,
         peer,
         trusted,
+        counted,
         served,
         accepted,
         tls,
         ..
     } = p;
     let Ok(stream) = TcpStream::from_std(stream) else {
-        closed(&w);
+        closed(&w, counted);
         return;
     };
     let wait = w.settings.keepalive_idle;
     match tls {
         None => {
-            let c = client(&w, stream, peer, trusted);
+            let c = client(&w, stream, peer, trusted, counted);
             if idle_wait(&w, c.io.io.socket(), wait).await {
                 run(w, c, accepted, served, true, false).await;
             } else {
-                closed(&w);
+                closed(&w, counted);
             }
         }
         Some(t) => {
@@ -303,11 +342,12 @@ async fn resume_refused(w: Rc<Worker>, p: Parked) {
                 TlsConn::from_parts(stream, session, Some(info)),
                 peer,
                 trusted,
+                counted,
             );
             if idle_wait(&w, c.io.io.socket(), wait).await {
                 run(w, c, accepted, served, true, false).await;
             } else {
-                closed(&w);
+                closed(&w, counted);
             }
         }
     }
@@ -476,7 +516,7 @@ mod tests {
             let addr = l.local_addr().unwrap();
             let _c = std::net::TcpStream::connect(addr).unwrap();
             let (s, peer) = l.accept().await.unwrap();
-            let fut = serve(w.clone(), s, peer, Instant::now());
+            let fut = serve(w.clone(), s, peer, Instant::now(), None);
             let conn = std::mem::size_of_val(&fut);
             let mut c = Client {
                 io: Timed::new(
@@ -485,6 +525,7 @@ mod tests {
                 ),
                 peer,
                 trusted: false,
+                counted: None,
                 rb: RecvBuf::default(),
             };
             let ex = proxy::exchange(&w, &mut c, Instant::now(), false);

@@ -30,6 +30,10 @@ pub enum ErrorKind {
     ConnectTimeout,
     /// The request body is larger than the route allows.
     BodyTooLarge,
+    /// The peer moved bytes slower than its rate floor, or past its total deadline.
+    TooSlow,
+    /// The upstream sent more interim (1xx) responses, or for longer, than allowed.
+    InterimLimit,
 }
 
 /// An exchange failure. Like pingora's errors, it says which side failed and whether sending
@@ -69,7 +73,7 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match (self.side, self.kind) {
             (_, ErrorKind::BodyTooLarge) => 413,
-            (Side::Client, ErrorKind::Timeout) => 408,
+            (Side::Client, ErrorKind::Timeout | ErrorKind::TooSlow) => 408,
             (Side::Client, _) => 400,
             (Side::Upstream, ErrorKind::Timeout | ErrorKind::ConnectTimeout) => 504,
             (Side::Upstream, _) => 502,
@@ -81,6 +85,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match (self.side, self.kind) {
             (Side::Client, ErrorKind::Timeout) => "client_timeout",
+            (Side::Client, ErrorKind::TooSlow) => "client_too_slow",
             (Side::Client, ErrorKind::Closed) => "client_closed",
             (Side::Client, ErrorKind::Io) => "client_io",
             (Side::Client, ErrorKind::Protocol) => "client_bad_framing",
@@ -91,6 +96,7 @@ impl ProxyError {
             (Side::Upstream, ErrorKind::Protocol) => "upstream_bad_response",
             (Side::Upstream, ErrorKind::ConnectRefused) => "upstream_connect_failed",
             (Side::Upstream, ErrorKind::ConnectTimeout) => "upstream_connect_timeout",
+            (Side::Upstream, ErrorKind::InterimLimit) => "upstream_interim_limit",
             _ => "proxy_error",
         }
     }
@@ -108,6 +114,8 @@ impl std::error::Error for ProxyError {}
 #[derive(Debug)]
 pub enum IoFail {
     Timeout,
+    /// Below the peer's rate floor (see `crate::pace`).
+    TooSlow,
     /// EOF where bytes were expected.
     Closed,
     Io(io::Error),
@@ -117,6 +125,7 @@ impl IoFail {
     pub fn on(self, side: Side) -> ProxyError {
         let kind = match self {
             IoFail::Timeout => ErrorKind::Timeout,
+            IoFail::TooSlow => ErrorKind::TooSlow,
             IoFail::Closed => ErrorKind::Closed,
             IoFail::Io(_) => ErrorKind::Io,
         };

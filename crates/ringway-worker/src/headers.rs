@@ -6,7 +6,6 @@
 //! not set, the request id, and the framing the proxy chose for the client.
 
 use crate::settings::AddedHeader;
-use httparse::Header;
 use ringway_core::route::Hsts;
 use ringway_proto::token::{eq_ic, is_hop_by_hop};
 use ringway_proto::{BodyFraming, HeadWriter, Request, Response};
@@ -22,11 +21,18 @@ pub struct Forwarding<'a> {
     /// `http` or `https`.
     pub proto: &'static [u8],
     pub request_id: &'a [u8],
-    /// Forward the upgrade request (Connection: upgrade, Upgrade).
+    /// Forward the upgrade request (Connection: upgrade, and Upgrade naming only the
+    /// protocols in `upgrade_protocols`).
     pub upgrade: bool,
+    pub upgrade_protocols: &'a [Box<[u8]>],
+    /// Removed from requests of untrusted peers (`headers.untrusted_strip`).
+    pub untrusted_strip: &'a NameSet,
+    /// Host to send when the request had none (HTTP/1.0): the name it was routed by (the
+    /// TLS server name), else the upstream address.
+    pub host_fallback: &'a [u8],
     /// The proxy answered `Expect: 100-continue` itself; the upstream must not see it.
     pub strip_expect: bool,
-    /// Used as Host for an HTTP/1.0 request that had none.
+    /// Used as Host for an HTTP/1.0 request that had none (and no TLS server name).
     pub upstream: SocketAddr,
     /// X-Visitor-ID and X-Session-ID to send (empty: none).
     pub visitor_id: &'a [u8],
@@ -37,20 +43,106 @@ fn is_named(name: &[u8], lower: &[u8]) -> bool {
     name.len() == lower.len() && eq_ic(name, lower)
 }
 
+/// Whether `name` is `lower` ignoring case, with `_` taken for `-`: CGI-style servers (PHP,
+/// WSGI, Rack) map `X_Forwarded_For` and `X-Forwarded-For` to the same variable, so a spoofed
+/// underscore spelling must go wherever the real name goes.
+#[inline]
+fn is_named_folded(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name.iter().zip(lower).all(|(&a, &b)| {
+            let a = if a == b'_' {
+                b'-'
+            } else {
+                a.to_ascii_lowercase()
+            };
+            a == b
+        })
+}
+
 /// Headers the proxy sets itself on upstream requests, so any incoming copy is dropped.
 fn is_forwarding(name: &[u8]) -> bool {
     match name.len() {
         // Visitor and session ids come from the proxy's cookies, never from the client.
         12 => {
-            is_named(name, b"x-request-id")
-                || is_named(name, b"x-visitor-id")
-                || is_named(name, b"x-session-id")
+            is_named_folded(name, b"x-request-id")
+                || is_named_folded(name, b"x-visitor-id")
+                || is_named_folded(name, b"x-session-id")
         }
-        15 => is_named(name, b"x-forwarded-for"),
-        16 => is_named(name, b"x-forwarded-host"),
-        17 => is_named(name, b"x-forwarded-proto"),
+        15 => is_named_folded(name, b"x-forwarded-for"),
+        16 => is_named_folded(name, b"x-forwarded-host"),
+        17 => is_named_folded(name, b"x-forwarded-proto"),
         _ => false,
     }
+}
+
+/// Longest header name a [`NameSet`] holds (longer names are refused by the config check).
+pub const NAME_SET_NAME_BYTES_MAX: usize = 63;
+
+/// A set of header names, matched ignoring case and with `_` taken for `-`. The lengths of
+/// the names are kept as a bit mask, so most headers of a request are passed over after one
+/// test: this runs for every header of every request from an untrusted peer.
+#[derive(Debug, Clone, Default)]
+pub struct NameSet {
+    /// Lower case, `-` for `_`.
+    names: Box<[Box<[u8]>]>,
+    /// Bit `n` is set when some name is `n` bytes long.
+    lengths: u64,
+}
+
+impl NameSet {
+    pub fn new<I: IntoIterator<Item = S>, S: AsRef<[u8]>>(names: I) -> Self {
+        let mut lengths = 0u64;
+        let names: Vec<Box<[u8]>> = names
+            .into_iter()
+            .map(|n| {
+                let n: Box<[u8]> = n
+                    .as_ref()
+                    .iter()
+                    .map(|&b| {
+                        if b == b'_' {
+                            b'-'
+                        } else {
+                            b.to_ascii_lowercase()
+                        }
+                    })
+                    .collect();
+                if (1..=NAME_SET_NAME_BYTES_MAX).contains(&n.len()) {
+                    lengths |= 1 << n.len();
+                }
+                n
+            })
+            .filter(|n| (1..=NAME_SET_NAME_BYTES_MAX).contains(&n.len()))
+            .collect();
+        Self {
+            names: names.into(),
+            lengths,
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, name: &[u8]) -> bool {
+        name.len() <= NAME_SET_NAME_BYTES_MAX
+            && self.lengths & (1 << name.len()) != 0
+            && self.names.iter().any(|n| is_named_folded(name, n))
+    }
+}
+
+/// Header names the proxy itself sets or relies on in an upstream request: a client's
+/// `Connection` options can never remove them (`Connection: host` would otherwise send the
+/// request without its Host).
+fn is_proxy_owned(name: &[u8]) -> bool {
+    is_named(name, b"host") || is_forwarding(name)
+}
+
+/// Whether an `Upgrade` value names a protocol in `allowed` (lower case names; a version
+/// after `/` is ignored: `websocket/13` is `websocket`).
+pub fn upgrade_allowed(value: &[u8], allowed: &[Box<[u8]>]) -> bool {
+    ringway_proto::token::list_items(value).any(|p| protocol_allowed(p, allowed))
+}
+
+fn protocol_allowed(protocol: &[u8], allowed: &[Box<[u8]>]) -> bool {
+    let name = protocol.split(|&b| b == b'/').next().unwrap_or(protocol);
+    allowed.iter().any(|a| is_named(name, a))
 }
 
 /// Appends the upstream request head for `req` (parsed from `head`) to `out`.
@@ -67,16 +159,21 @@ pub fn write_upstream_request(
         let n = h.name.as_bytes();
         !(is_hop_by_hop(n)
             || is_forwarding(n)
+            // Only meaningful with an h2c upgrade, which is never forwarded.
+            || is_named(n, b"http2-settings")
             || (f.strip_expect && is_named(n, b"expect"))
             || (absolute && is_named(n, b"host"))
-            || (!f.trusted && (is_named(n, b"forwarded") || is_named(n, b"x-real-ip")))
-            || req.is_connection_option(n))
+            || (!f.trusted && f.untrusted_strip.contains(n))
+            || (req.is_connection_option(n) && !is_proxy_owned(n)))
     });
     match req.authority() {
         Some(auth) if absolute => {
             w.header(b"Host", auth);
         }
         Some(_) => {}
+        None if !f.host_fallback.is_empty() => {
+            w.header(b"Host", f.host_fallback);
+        }
         None => {
             w.header_with(b"Host", |o| {
                 let _ = write!(o, "{}", f.upstream);
@@ -115,9 +212,21 @@ pub fn write_upstream_request(
     }
     if f.upgrade {
         w.header(b"Connection", b"upgrade");
-        if let Some(u) = req.header("upgrade") {
-            w.header(b"Upgrade", u);
-        }
+        // Only the allowed protocols: `Upgrade: h2c, websocket` goes up as `websocket`.
+        w.header_with(b"Upgrade", |o| {
+            let offered = req
+                .headers
+                .iter()
+                .filter(|h| is_named(h.name.as_bytes(), b"upgrade"))
+                .flat_map(|h| ringway_proto::token::list_items(h.value));
+            let mut first = true;
+            for p in offered.filter(|p| protocol_allowed(p, f.upgrade_protocols)) {
+                if !std::mem::take(&mut first) {
+                    o.extend_from_slice(b", ");
+                }
+                o.extend_from_slice(p);
+            }
+        });
     }
     match req.meta.framing {
         BodyFraming::None => {}
@@ -163,8 +272,14 @@ pub struct ResponseEdit<'a> {
     pub set_cookies: &'a [u8],
 }
 
-fn has_header(headers: &[Header<'_>], name: &[u8]) -> bool {
-    headers.iter().any(|h| is_named(h.name.as_bytes(), name))
+/// Whether the response carries `name` as an end-to-end header: one its `Connection` header
+/// names is dropped, so the proxy's own value (a security header, the request id) still goes
+/// in its place.
+fn has_header(resp: &Response<'_, '_>, name: &[u8]) -> bool {
+    resp.headers
+        .iter()
+        .any(|h| is_named(h.name.as_bytes(), name))
+        && !resp.is_connection_option(name)
 }
 
 /// Appends the client response head for `resp` (parsed from `head`) to `out`.
@@ -200,12 +315,12 @@ pub fn write_client_response(
                 .any(|s| s.override_app && is_named(n, &s.name)))
     });
     for s in e.security {
-        if s.override_app || !has_header(resp.headers, &s.name) {
+        if s.override_app || !has_header(resp, &s.name) {
             w.header(&s.name, &s.value);
         }
     }
     if let Some(h) = e.hsts
-        && !has_header(resp.headers, b"strict-transport-security")
+        && !has_header(resp, b"strict-transport-security")
     {
         w.header_with(b"Strict-Transport-Security", |o| {
             o.extend_from_slice(b"max-age=");
@@ -224,7 +339,7 @@ pub fn write_client_response(
         }
     }
     if let Some(id) = e.request_id
-        && !has_header(resp.headers, b"x-request-id")
+        && !has_header(resp, b"x-request-id")
     {
         w.header(b"X-Request-ID", id);
     }
@@ -267,6 +382,11 @@ mod tests {
             proto: b"http",
             request_id: b"rid",
             upgrade: false,
+            upgrade_protocols: Box::leak(Box::new([Box::from(&b"websocket"[..])])),
+            untrusted_strip: Box::leak(Box::new(NameSet::new(
+                ringway_core::config::UNTRUSTED_STRIP_DEFAULT,
+            ))),
+            host_fallback: b"",
             strip_expect: true,
             upstream: "127.0.0.1:9000".parse().unwrap(),
             visitor_id: b"",

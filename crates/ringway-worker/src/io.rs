@@ -8,12 +8,13 @@
 
 use crate::deadline::Deadlines;
 use crate::error::IoFail;
+use crate::pace::{Bound, Pace};
 use monoio::buf::{Slice, SliceMut};
 use monoio::io::{CancelHandle, CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Free buffers a pool keeps through a trim however quiet the worker is.
 pub const BUF_POOL_FLOOR: usize = 16;
@@ -376,6 +377,27 @@ impl<S: ReadIo> Timed<S> {
             .await
     }
 
+    /// [`Timed::fill`] against a client's rate floor: the wait ends at `per_op` or where the
+    /// client would fall below its floor (then `Err(TooSlow)`); the wait and the bytes are
+    /// recorded in `pace`.
+    pub async fn fill_paced(
+        &mut self,
+        rb: &mut RecvBuf,
+        min_free: usize,
+        per_op: Duration,
+        pace: &mut Pace,
+    ) -> Result<usize, IoFail> {
+        let now = Instant::now();
+        let (end, bound) = pace.deadline(now, per_op);
+        let deadlines = self.deadlines.clone();
+        let r = self.fill_until(rb, min_free, deadlines.at(end)).await;
+        pace.record(now.elapsed(), *r.as_ref().unwrap_or(&0));
+        match r {
+            Err(IoFail::Timeout) if bound == Bound::Floor => Err(IoFail::TooSlow),
+            r => r,
+        }
+    }
+
     /// [`Timed::fill`] with any timeout future.
     pub async fn fill_until<D: Future<Output = ()>>(
         &mut self,
@@ -400,26 +422,52 @@ impl<S: WriteIo> Timed<S> {
     /// for the peer to take bytes.
     pub async fn write_range(
         &mut self,
-        mut buf: Vec<u8>,
+        buf: Vec<u8>,
         start: usize,
         end: usize,
         dur: Duration,
     ) -> (Result<(), IoFail>, Vec<u8>) {
+        self.write_range_paced(buf, start, end, dur, None).await
+    }
+
+    /// [`Timed::write_range`], with each wait also bounded by the peer's rate floor when a
+    /// `pace` is given (then a peer too slow to take the bytes is `Err(TooSlow)`).
+    pub async fn write_range_paced(
+        &mut self,
+        mut buf: Vec<u8>,
+        start: usize,
+        end: usize,
+        dur: Duration,
+        mut pace: Option<&mut Pace>,
+    ) -> (Result<(), IoFail>, Vec<u8>) {
         let mut pos = start;
         while pos < end {
             let slice = Slice::new(buf, pos, end);
+            // Without a pace, one clock read (inside `after`) per write, as before.
+            let (began, until, bound) = match pace.as_deref() {
+                Some(p) => {
+                    let now = Instant::now();
+                    let (until, bound) = p.deadline(now, dur);
+                    (Some(now), until, bound)
+                }
+                None => (None, Instant::now() + dur, Bound::Operation),
+            };
             let canceller = self.canceller.get_or_insert_with(Canceller::new);
             let handle = canceller.handle();
             let ((res, slice), timed_out) = timed(
                 self.io.write_from(slice, handle),
                 canceller,
-                self.deadlines.after(dur),
+                self.deadlines.at(until),
             )
             .await;
             buf = slice.into_inner();
+            if let (Some(p), Some(t)) = (pace.as_deref_mut(), began) {
+                p.record(t.elapsed(), *res.as_ref().unwrap_or(&0));
+            }
             match res {
                 Ok(0) => return (Err(IoFail::Closed), buf),
                 Ok(n) => pos += n,
+                Err(_) if timed_out && bound == Bound::Floor => return (Err(IoFail::TooSlow), buf),
                 Err(_) if timed_out => return (Err(IoFail::Timeout), buf),
                 Err(e) => return (Err(IoFail::Io(e)), buf),
             }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub mod headers;
 pub mod io;
+pub mod pace;
 pub mod parking;
 pub mod policy;
 pub mod pool;

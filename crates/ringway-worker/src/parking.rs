@@ -22,6 +22,11 @@ use std::time::Instant;
 
 /// Connections taken from the epoll set per `epoll_wait`.
 pub const WAKE_BATCH_MAX: usize = 256;
+/// Deadline entries of connections that left before their deadline (woken by data) that the
+/// due queues may hold beyond twice the parked connections, before they are compacted. Without
+/// it a client that sends a request every hot-read period would add one entry per request,
+/// each kept until its keep-alive deadline.
+pub const DUE_QUEUE_SLACK: usize = 64;
 
 /// What a parked connection keeps.
 #[derive(Debug)]
@@ -29,6 +34,7 @@ pub struct Parked {
     pub stream: std::net::TcpStream,
     pub peer: SocketAddr,
     pub trusted: bool,
+    pub counted: Option<crate::worker::ClientKey>,
     pub served: u64,
     pub accepted: Instant,
     /// The socket is already in the epoll set (disarmed): re-arm with MOD, not ADD.
@@ -132,7 +138,30 @@ impl ParkingLot {
         let q = if first { &self.first } else { &self.keepalive };
         q.borrow_mut().push_back((due, key, generation));
         self.parked.set(self.parked.get() + 1);
+        if self.queued() > 2 * self.parked.get() + DUE_QUEUE_SLACK {
+            self.compact();
+        }
+        debug_assert!(self.queued() <= 2 * self.parked.get() + DUE_QUEUE_SLACK + 1);
         Ok(())
+    }
+
+    /// Deadline entries held, live and stale.
+    pub fn queued(&self) -> usize {
+        self.first.borrow().len() + self.keepalive.borrow().len()
+    }
+
+    /// Drops the deadline entries of connections no longer parked under them. Amortised O(1)
+    /// per park: after a compaction at most `parked` entries are left, and the next one comes
+    /// after `parked + DUE_QUEUE_SLACK` more parks.
+    fn compact(&self) {
+        let slots = self.slots.borrow();
+        let live = |&(_, key, generation): &(Instant, u32, u32)| {
+            slots
+                .get(key as usize)
+                .is_some_and(|s| s.generation == generation && s.conn.is_some())
+        };
+        self.first.borrow_mut().retain(live);
+        self.keepalive.borrow_mut().retain(live);
     }
 
     fn take(&self, key: u32, generation: u32) -> Option<Parked> {
@@ -242,6 +271,7 @@ mod tests {
             peer: s.peer_addr().unwrap(),
             stream: s,
             trusted: false,
+            counted: None,
             served,
             accepted: Instant::now(),
             registered: false,
@@ -296,6 +326,38 @@ mod tests {
         out.clear();
         lot.drain(&mut out);
         assert_eq!(lot.parked(), 0);
+    }
+
+    #[test]
+    fn due_queues_stay_bounded_when_connections_wake_before_their_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let lot = ParkingLot::new().unwrap();
+        let t0 = Instant::now();
+        let (mut c, s) = pair(&l);
+        c.write_all(b"x").unwrap(); // always readable: every park wakes at once
+        std::thread::sleep(Duration::from_millis(20));
+        let mut p = parked(s, 0);
+        let mut out = Vec::new();
+        for i in 0..10_000u32 {
+            // A keep-alive deadline far away, as a connection served every hot read has.
+            lot.park(
+                p,
+                t0 + Duration::from_secs(60) + Duration::from_micros(u64::from(i)),
+                false,
+            )
+            .unwrap();
+            assert!(lot.queued() <= 2 * lot.parked() + DUE_QUEUE_SLACK);
+            out.clear();
+            while out.is_empty() {
+                lot.take_ready(&mut out).unwrap();
+            }
+            p = out.pop().unwrap();
+        }
+        assert!(
+            lot.queued() <= 2 + DUE_QUEUE_SLACK,
+            "{} entries",
+            lot.queued()
+        );
     }
 
     #[test]

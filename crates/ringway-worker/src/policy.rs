@@ -78,9 +78,9 @@ pub enum Verdict {
     IpDenied,
     /// 403: a block rule matched; the reason for the log (`blocked_user_agent`, `blocked_path`).
     Blocked(&'static str),
-    /// 414: the path needs normalising but is too long to normalise (see
-    /// `ringway_core::policy::POLICY_PATH_BYTES_MAX`).
-    PathTooLong,
+    /// The path cannot be matched against the rules: too long to normalise (414, see
+    /// `ringway_core::policy::POLICY_PATH_BYTES_MAX`), or ambiguous (400).
+    BadPath(ringway_core::policy::PathError),
     /// 429: retry after this many seconds.
     Limit(u64),
     /// The challenge page is due.

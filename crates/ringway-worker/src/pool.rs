@@ -5,13 +5,20 @@
 //! the least likely to have been closed by the upstream), an idle cap bounds each address, and
 //! a sweep closes connections idle longer than the timeout.
 //!
-//! A pooled connection may have been closed by the upstream while idle. Before reusing one that
-//! has been idle for `stale_check_idle` or more, a non-blocking `MSG_PEEK` tells whether the
-//! peer sent EOF (or stray bytes, which also make the connection unusable). Connections
-//! returned moments ago skip the check: upstreams close idle connections after their own
-//! keep-alive timeout, seconds later, and the check is a syscall on every request of a busy
-//! pool. The race that remains (a close in flight while the request is sent) is covered by the
-//! retry of idempotent requests on a fresh connection.
+//! A pooled connection may have been closed by the upstream while idle, or received bytes
+//! nobody asked for: a body after a HEAD or 204 answer, a second response, stray bytes tens of
+//! milliseconds after the response ended. Such bytes must never be read as the answer to the
+//! next request on that connection, which may come from another client on another route. So
+//! every checkout, however recent the checkin, first asks the socket with a non-blocking
+//! `MSG_PEEK`: EOF, an error or any readable byte discards the connection. This is a syscall
+//! per reuse (measured in docs/performance.md); a readiness watch per pooled connection would
+//! cost a submission and a cancellation per reuse on io_uring, which is no cheaper, and could
+//! not close the window any further.
+//!
+//! What no check can close: bytes that arrive after the next request was sent are
+//! indistinguishable from its response (HTTP/1.1 has no request ids); nginx and HAProxy have
+//! the same limit. The window is the few microseconds between the peek and the send. A close
+//! in flight during that window is covered by the retry of idempotent requests.
 
 use foldhash::fast::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -32,7 +39,6 @@ pub struct Pool<C> {
     idle: HashMap<SocketAddr, VecDeque<Idle<C>>, RandomState>,
     per_upstream_max: usize,
     idle_timeout: Duration,
-    stale_check_idle: Duration,
     idle_total: usize,
 }
 
@@ -40,53 +46,59 @@ pub struct Pool<C> {
 #[derive(Debug)]
 pub struct Checkout<C> {
     pub stream: Option<C>,
-    /// Pooled connections discarded because the upstream had closed them.
+    /// Pooled connections discarded because the upstream had closed them (or they failed).
     pub stale: u64,
+    /// Pooled connections discarded because the upstream had sent bytes on them while idle.
+    pub dirty: u64,
+}
+
+/// What a peek at an idle connection saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idleness {
+    /// Nothing to read: the connection can carry a request.
+    Quiet,
+    /// EOF or a socket error.
+    Closed,
+    /// Bytes nobody asked for.
+    Dirty,
 }
 
 impl<C: AsRawFd> Pool<C> {
-    pub fn new(
-        per_upstream_max: usize,
-        idle_timeout: Duration,
-        stale_check_idle: Duration,
-    ) -> Self {
+    pub fn new(per_upstream_max: usize, idle_timeout: Duration) -> Self {
         Self {
             idle: HashMap::with_hasher(RandomState::default()),
             per_upstream_max,
             idle_timeout,
-            stale_check_idle,
             idle_total: 0,
         }
     }
 
-    /// Takes a live idle connection to `addr`, if there is one.
+    /// Takes a quiet idle connection to `addr`, if there is one; every one looked at is
+    /// peeked first, and closed or dirty ones are dropped.
     pub fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Checkout<C> {
-        let mut stale = 0;
+        let mut out = Checkout {
+            stream: None,
+            stale: 0,
+            dirty: 0,
+        };
         let Some(q) = self.idle.get_mut(&addr) else {
-            return Checkout {
-                stream: None,
-                stale,
-            };
+            return out;
         };
         while let Some(c) = q.pop_back() {
             self.idle_total -= 1;
-            let idle = now.duration_since(c.since);
-            if idle >= self.idle_timeout {
+            if now.duration_since(c.since) >= self.idle_timeout {
                 continue;
             }
-            if idle >= self.stale_check_idle && !is_alive(&c.stream) {
-                stale += 1;
-                continue;
+            match idleness(&c.stream) {
+                Idleness::Quiet => {
+                    out.stream = Some(c.stream);
+                    return out;
+                }
+                Idleness::Closed => out.stale += 1,
+                Idleness::Dirty => out.dirty += 1,
             }
-            return Checkout {
-                stream: Some(c.stream),
-                stale,
-            };
         }
-        Checkout {
-            stream: None,
-            stale,
-        }
+        out
     }
 
     /// Returns a connection that finished an exchange cleanly. Past the idle cap the oldest
@@ -134,8 +146,9 @@ impl<C: AsRawFd> Pool<C> {
     }
 }
 
-/// Whether an idle connection can be reused: no EOF and no unexpected bytes from the upstream.
-pub fn is_alive(stream: &impl AsRawFd) -> bool {
+/// Whether an idle connection can be reused: no EOF, no error and no unexpected bytes from the
+/// upstream.
+pub fn idleness(stream: &impl AsRawFd) -> Idleness {
     let fd = stream.as_raw_fd();
     let mut byte = 0u8;
     // SAFETY: `fd` is an open socket owned by `stream` for the duration of the call, and the
@@ -149,12 +162,19 @@ pub fn is_alive(stream: &impl AsRawFd) -> bool {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    if n < 0 {
-        let err = std::io::Error::last_os_error();
-        return err.kind() == std::io::ErrorKind::WouldBlock;
+    match n {
+        n if n < 0 => {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                Idleness::Quiet
+            } else {
+                Idleness::Closed
+            }
+        }
+        0 => Idleness::Closed,
+        // The upstream sent bytes nobody asked for: the connection is out of sync.
+        _ => Idleness::Dirty,
     }
-    // 0: EOF. >0: the upstream sent bytes nobody asked for; the connection is out of sync.
-    false
 }
 
 #[cfg(test)]
@@ -175,7 +195,7 @@ mod tests {
         rt().block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut pool: Pool<TcpStream> = Pool::new(4, Duration::from_secs(60), Duration::ZERO);
+            let mut pool: Pool<TcpStream> = Pool::new(4, Duration::from_secs(60));
             let now = Instant::now();
 
             let a = TcpStream::connect_addr(addr).await.unwrap();
@@ -194,7 +214,11 @@ mod tests {
             monoio::time::sleep(Duration::from_millis(50)).await;
 
             let got = pool.checkout(addr, Instant::now());
-            assert_eq!(got.stale, 2, "a (closed) and b (dirty) are discarded");
+            assert_eq!(
+                (got.stale, got.dirty),
+                (1, 1),
+                "a (closed) and b (dirty) are discarded"
+            );
             assert!(got.stream.is_some(), "c is alive");
             assert_eq!(pool.idle_count(), 0);
             assert!(pool.checkout(addr, Instant::now()).stream.is_none());
@@ -206,8 +230,7 @@ mod tests {
         rt().block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut pool: Pool<TcpStream> =
-                Pool::new(2, Duration::from_millis(100), Duration::ZERO);
+            let mut pool: Pool<TcpStream> = Pool::new(2, Duration::from_millis(100));
             let t0 = Instant::now();
             let mut keep = Vec::new();
             for _ in 0..3 {

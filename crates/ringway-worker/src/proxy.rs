@@ -20,6 +20,7 @@ use crate::client::ClientIo;
 use crate::error::{ErrorKind, IoFail, ProxyError, Side, write_error_page};
 use crate::headers::{self, ClientFraming, Forwarding, ResponseEdit};
 use crate::io::{RecvBuf, Timed};
+use crate::pace::Pace;
 use crate::route::{self, HostName, Target};
 use crate::stream::{self, Decode, Encode, End};
 use crate::worker::Worker;
@@ -41,6 +42,8 @@ pub struct Client<S> {
     pub peer: SocketAddr,
     /// The peer is a trusted proxy (its forwarding headers are believed).
     pub trusted: bool,
+    /// The key this connection counts under in the per-client connection limit.
+    pub counted: Option<crate::worker::ClientKey>,
     /// Bytes received and not yet consumed; the current head stays at the front until the
     /// exchange ends (the log record points into it).
     pub rb: RecvBuf,
@@ -67,6 +70,9 @@ pub struct Upgraded {
 }
 
 type Span = (usize, usize);
+
+/// The span of a path that is not in the head: `/` for an absolute-form target without one.
+const SLASH_PATH: Span = (usize::MAX, 0);
 
 /// What the log record and error pages need, gathered as the exchange proceeds. Strings point
 /// into the client receive buffer (the request head) instead of being copied.
@@ -155,7 +161,11 @@ impl Exchange {
             request_id: self.request_id(),
             host: self.host.as_bytes(),
             method: slice(head, self.method),
-            path: slice(head, self.path),
+            path: if self.path == SLASH_PATH {
+                b"/"
+            } else {
+                slice(head, self.path)
+            },
             status: self.status,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
@@ -282,12 +292,33 @@ pub async fn exchange<S: ClientIo>(
         }
     }
 
+    // Phase 3b: a small body is read whole (a large one: its first part) before an upstream
+    // connection is taken, so a client that sends slowly holds only its own connection. The
+    // body's reads are held to the client's rate floor and total deadline from here on.
+    let mut body_pace = Pace::new(
+        w.settings.body_pace,
+        Some(Instant::now() + w.settings.body_total),
+    );
+    let buffered = if has_body {
+        let r = buffer_body(w, c, req.meta.framing, &mut body_pace).await;
+        if r.is_err() {
+            // The pump below, which counts what it reads, never runs.
+            ex.bytes_in += c.rb.unread().len() as u64;
+        }
+        r
+    } else {
+        Ok(())
+    };
+
     // Phase 4 and 5: forward, then read the response head.
     let retryable = w.settings.retry_idempotent && req.method.is_idempotent() && !has_body;
     let mut ubuf = RecvBuf::new(w.bufs.take());
     let mut fresh_only = false;
     let mut body_sent = !has_body;
     let outcome = loop {
+        if let Err(e) = buffered {
+            break Err(e);
+        }
         ex.contacted = true;
         let (mut up, reused) = match upstream_conn(w, target.upstream, fresh_only).await {
             Ok(x) => x,
@@ -304,17 +335,9 @@ pub async fn exchange<S: ClientIo>(
                 _ => Encode::Raw,
             };
             let (r, n) = stream::pump(
-                End {
-                    io: &mut c.io,
-                    side: Side::Client,
-                    timeout: w.settings.body_read,
-                },
+                End::new(&mut c.io, Side::Client, w.settings.body_read).paced(&mut body_pace),
                 &mut c.rb,
-                End {
-                    io: &mut up,
-                    side: Side::Upstream,
-                    timeout: w.settings.upstream_write,
-                },
+                End::new(&mut up, Side::Upstream, w.settings.upstream_write),
                 &mut out,
                 decode,
                 encode,
@@ -346,14 +369,14 @@ pub async fn exchange<S: ClientIo>(
             Err(e) if e.side == Side::Upstream && has_body && e.kind != ErrorKind::BodyTooLarge => {
                 // The upstream stopped reading the body. It may have answered early (413, 401):
                 // relay that answer if it is already there.
-                match read_response_head(w, &mut up, &mut ubuf).await {
+                match read_response_head(w, &mut up, &mut ubuf, None).await {
                     Ok(()) => break Ok(up),
                     Err(_) => break Err(e),
                 }
             }
             Err(e) => break Err(e),
         }
-        match read_response_head(w, &mut up, &mut ubuf).await {
+        match read_response_head(w, &mut up, &mut ubuf, None).await {
             Ok(()) => break Ok(up),
             Err(e) if e.retry_safe && reused && retryable && !fresh_only => {
                 w.stats.upstream_retries.inc();
@@ -374,6 +397,9 @@ pub async fn exchange<S: ClientIo>(
                 // Nobody left to answer.
                 return abort(w, c, &mut ex, out, e.reason(), 499);
             }
+            if e.side == Side::Client && e.kind == ErrorKind::TooSlow {
+                w.stats.slow_request_bodies.inc();
+            }
             let rej = Reject {
                 status: e.status(),
                 reason: e.reason(),
@@ -384,7 +410,11 @@ pub async fn exchange<S: ClientIo>(
     };
     out.clear();
 
-    // Phase 5 (cont.): interim responses, then the final head.
+    // Phase 5 (cont.): interim responses, then the final head. Interim responses are capped
+    // in number, and never extend the wait for the final head past one `upstream_read` from
+    // the first of them: an upstream sending 103 forever must not hold the exchange.
+    let mut interims = 0usize;
+    let mut interim_until = None;
     let plan = loop {
         let hsts = if S::TLS { target.hsts } else { None };
         let plan = match plan_response(w, &req, &ex, &ubuf, &mut out, last || !body_sent, hsts) {
@@ -403,6 +433,12 @@ pub async fn exchange<S: ClientIo>(
         if !plan.interim {
             break plan;
         }
+        interims += 1;
+        let until = *interim_until.get_or_insert_with(|| Instant::now() + w.settings.upstream_read);
+        if interims > w.settings.interim_responses_max {
+            w.bufs.put(ubuf.buf);
+            return interim_exceeded(w, c, &mut ex, out, &req, last || !body_sent).await;
+        }
         ubuf.consume(plan.head_len);
         ubuf.compact();
         if !out.is_empty() {
@@ -417,9 +453,19 @@ pub async fn exchange<S: ClientIo>(
                 return abort(w, c, &mut ex, out, "client_closed", 499);
             }
         }
-        if let Err(e) = read_response_head(w, &mut up, &mut ubuf).await {
+        if let Err(e) = read_response_head(w, &mut up, &mut ubuf, Some(until)).await {
             w.bufs.put(ubuf.buf);
-            return abort(w, c, &mut ex, out, e.reason(), e.status());
+            if e.kind == ErrorKind::InterimLimit {
+                return interim_exceeded(w, c, &mut ex, out, &req, last || !body_sent).await;
+            }
+            // An interim response is not an answer: the client still gets one.
+            ex.reason = e.reason();
+            let rej = Reject {
+                status: e.status(),
+                reason: e.reason(),
+                close: last || !req.meta.keep_alive || !body_sent,
+            };
+            return reject(w, c, &mut ex, out, rej, req.method == Method::Head).await;
         }
     };
     ex.status = plan.status;
@@ -483,18 +529,12 @@ pub async fn exchange<S: ClientIo>(
             }
         }
         Some((decode, encode)) => {
+            // A client taking the body slower than its floor lets the upstream go.
+            let mut pace = Pace::new(w.settings.response_pace, None);
             let (r, n) = stream::pump(
-                End {
-                    io: &mut up,
-                    side: Side::Upstream,
-                    timeout: w.settings.upstream_read,
-                },
+                End::new(&mut up, Side::Upstream, w.settings.upstream_read),
                 &mut ubuf,
-                End {
-                    io: &mut c.io,
-                    side: Side::Client,
-                    timeout: w.settings.client_write,
-                },
+                End::new(&mut c.io, Side::Client, w.settings.client_write).paced(&mut pace),
                 &mut out,
                 decode,
                 encode,
@@ -506,6 +546,9 @@ pub async fn exchange<S: ClientIo>(
             if let Err(e) = r {
                 // Part of the response may be out: the client learns of the failure by the
                 // connection closing before the framing says the body ends.
+                if e.side == Side::Client && e.kind == ErrorKind::TooSlow {
+                    w.stats.slow_responses.inc();
+                }
                 ex.reason = e.reason();
                 upstream_clean = false;
                 client_open = false;
@@ -514,7 +557,10 @@ pub async fn exchange<S: ClientIo>(
     }
 
     // Phase 7: finish.
-    if upstream_clean && !ubuf.has_unread() {
+    if upstream_clean && ubuf.has_unread() {
+        // Bytes after the end of the response, already here: never pooled.
+        w.stats.upstream_stray_bytes.inc();
+    } else if upstream_clean {
         w.pool
             .borrow_mut()
             .checkin(target.upstream, up, Instant::now());
@@ -546,6 +592,28 @@ fn abort(
     ex.reason = reason;
     ex.finish(w, &c.rb.buf);
     Next::Close
+}
+
+/// The upstream sent more interim responses than allowed, or kept sending them past the wait
+/// for a final head: 502, and the upstream connection (already given up by the caller) is
+/// closed.
+async fn interim_exceeded(
+    w: &Worker,
+    c: &mut Client<impl ClientIo>,
+    ex: &mut Exchange,
+    out: Vec<u8>,
+    req: &Req,
+    force_close: bool,
+) -> Next {
+    w.stats.upstream_interim_exceeded.inc();
+    let e = ProxyError::upstream(ErrorKind::InterimLimit);
+    ex.reason = e.reason();
+    let rej = Reject {
+        status: e.status(),
+        reason: e.reason(),
+        close: force_close || !req.meta.keep_alive,
+    };
+    reject(w, c, ex, out, rej, req.method == Method::Head).await
 }
 
 /// Phase 1. `Ok(None)`: the client closed (or went quiet) before sending a request.
@@ -652,7 +720,10 @@ fn prepare<S: ClientIo>(
         meta: r.meta,
     };
     ex.method = span_of(buf, r.method_raw);
-    ex.path = span_of(buf, r.path());
+    ex.path = match span_of(buf, r.path()) {
+        (0, 0) => SLASH_PATH,
+        span => span,
+    };
     ex.head_request = r.method == Method::Head;
     if let Some(ua) = r.header("user-agent") {
         ex.user_agent = span_of(buf, ua);
@@ -677,16 +748,25 @@ fn prepare<S: ClientIo>(
     }
 
     // Route phase.
-    let host = match r.authority() {
-        Some(a) => HostName::parse(a).ok_or(Early::Reject(
-            Reject {
-                status: 400,
-                reason: "bad_host",
-                close: true,
-            },
-            Some(req),
-        ))?,
-        None => HostName::empty(),
+    let bad_host = Early::Reject(
+        Reject {
+            status: 400,
+            reason: "bad_host",
+            close: true,
+        },
+        Some(req),
+    );
+    let host = match (r.authority(), c.io.io.tls()) {
+        (Some(a), _) => HostName::parse(a).ok_or(bad_host)?,
+        // HTTP/1.0 without Host: over TLS the server name stands for it (as nginx picks the
+        // server by SNI), so the request is held to what the connection's certificate covers
+        // and never falls through to the default route. No server name either: refused.
+        (None, Some(tls)) => tls
+            .sni
+            .as_deref()
+            .and_then(|n| HostName::parse(n.as_bytes()))
+            .ok_or(bad_host)?,
+        (None, None) => HostName::empty(),
     };
     ex.host = host;
     let has_body = req.meta.framing != BodyFraming::None;
@@ -694,7 +774,7 @@ fn prepare<S: ClientIo>(
     // ACME HTTP-01 challenges are answered from the store before any redirect or route, so
     // certificates can be issued for hosts that redirect everything to HTTPS.
     if !S::TLS
-        && let Some(token) = r.origin_target().strip_prefix(ACME_PREFIX)
+        && let Some(token) = r.path().strip_prefix(ACME_PREFIX)
         && let Ok(token) = std::str::from_utf8(token)
     {
         let mut answer = Vec::new();
@@ -722,7 +802,6 @@ fn prepare<S: ClientIo>(
     // TLS: the Host must be one this connection's certificate was chosen for (RFC 9110
     // §15.5.20): a browser reusing a connection for another name gets 421 and retries.
     if let Some(tls) = c.io.io.tls()
-        && !host.as_str().is_empty()
         && !tls.allows_host(host.as_str())
     {
         w.stats.misdirected.inc();
@@ -765,6 +844,11 @@ fn prepare<S: ClientIo>(
     )?;
 
     if !S::TLS && target.redirect_https {
+        // Without a host (HTTP/1.0) there is no authority to redirect to: `https://` followed
+        // by a path `//evil.example/` would send the client to evil.example.
+        if host.as_bytes().is_empty() {
+            return Err(bad_host);
+        }
         // 301 keeps GET and HEAD; 308 keeps every other method and its body.
         let status = if matches!(req.method, Method::Get | Method::Head) {
             301
@@ -781,7 +865,7 @@ fn prepare<S: ClientIo>(
                 o.push(b':');
                 ringway_proto::write::push_u64(o, u64::from(port));
             }
-            o.extend_from_slice(r.origin_target());
+            r.origin_target().write_to(o);
         });
         hw.header(b"Content-Length", b"0");
         hw.header(b"X-Request-ID", ex.request_id());
@@ -808,8 +892,20 @@ fn prepare<S: ClientIo>(
             Some(req),
         ));
     }
-    // Upgrades carry no body; one that claims one is forwarded as a plain request.
-    let upgrade = req.meta.upgrade && req.meta.framing == BodyFraming::None;
+    // Upgrades carry no body; one that claims one is forwarded as a plain request. Only the
+    // configured protocols open a tunnel (never h2c: its streams would skip routing and
+    // policy); for any other the Upgrade is removed and the request goes up as it is.
+    let mut upgrade = req.meta.upgrade && req.meta.framing == BodyFraming::None;
+    if upgrade
+        && !r
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("upgrade"))
+            .any(|h| headers::upgrade_allowed(h.value, &s.upgrade_protocols))
+    {
+        w.stats.upgrades_refused.inc();
+        upgrade = false;
+    }
     headers::write_upstream_request(
         out,
         buf,
@@ -820,6 +916,9 @@ fn prepare<S: ClientIo>(
             proto: if S::TLS { b"https" } else { b"http" },
             request_id: ex.request_id(),
             upgrade,
+            upgrade_protocols: &s.upgrade_protocols,
+            untrusted_strip: &s.untrusted_strip,
+            host_fallback: host.as_bytes(),
             strip_expect: true,
             upstream: target.upstream,
             visitor_id: ex.ids.visitor(),
@@ -895,17 +994,20 @@ fn policy_phase<S: ClientIo>(
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             // Prefix rules see the path as the upstream will resolve it (`/%77p-admin`,
-            // `//wp-admin` and `/x/../wp-admin` are all `/wp-admin`). Most paths need
-            // nothing, and skip the buffer.
-            let needs_normalizing = ringway_core::policy::path_needs_normalizing(r.path());
-            // Only possible with a raised request line limit: a path the rules cannot see
-            // as the upstream would is refused (414), rather than let past them.
-            let too_long =
-                needs_normalizing && r.path().len() > ringway_core::policy::POLICY_PATH_BYTES_MAX;
+            // `//wp-admin`, `/x%2F..%2Fwp-admin`, `/;x/wp-admin` are all `/wp-admin`), and a
+            // path servers disagree on is refused. Most paths need nothing and skip the
+            // buffer; so do policies without path rules.
             let mut path_buf;
-            let path = if needs_normalizing && !too_long {
+            let mut bad_path = None;
+            let path = if p.reads_path() && ringway_core::policy::path_needs_normalizing(r.path()) {
                 path_buf = [0u8; ringway_core::policy::POLICY_PATH_BYTES_MAX];
-                ringway_core::policy::normalize_path(r.path(), &mut path_buf)
+                match ringway_core::policy::normalize_path(r.path(), &mut path_buf) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        bad_path = Some(e);
+                        r.path()
+                    }
+                }
             } else {
                 r.path()
             };
@@ -920,10 +1022,9 @@ fn policy_phase<S: ClientIo>(
                 now_us: w.limiter.now_us(),
             };
             Decided {
-                verdict: if too_long {
-                    Verdict::PathTooLong
-                } else {
-                    crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys)
+                verdict: match bad_path {
+                    Some(e) => Verdict::BadPath(e),
+                    None => crate::policy::evaluate(p, &facts, &w.limiter, &s.challenge_keys),
                 },
                 challenge: p
                     .challenge
@@ -963,9 +1064,13 @@ fn policy_phase<S: ClientIo>(
             w.stats.blocked.inc();
             return Err(refuse(403, reason));
         }
-        Verdict::PathTooLong => {
+        Verdict::BadPath(ringway_core::policy::PathError::TooLong) => {
             w.stats.blocked.inc();
             return Err(refuse(414, "path_too_long"));
+        }
+        Verdict::BadPath(e) => {
+            w.stats.ambiguous_paths.inc();
+            return Err(refuse(400, e.reason()));
         }
         Verdict::Limit(retry_after_s) => {
             w.stats.rate_limited.inc();
@@ -996,11 +1101,7 @@ fn policy_phase<S: ClientIo>(
             let mut solved = false;
             let mut ret_ok = false;
             if d.verdict == Verdict::Verify {
-                let target_bytes = r.origin_target();
-                let query = match target_bytes.iter().position(|&b| b == b'?') {
-                    Some(i) => &target_bytes[i + 1..],
-                    None => &[][..],
-                };
+                let query = r.query();
                 let (nonce, sol, ret) = (
                     challenge::query_param(query, b"n"),
                     challenge::query_param(query, b"s"),
@@ -1124,6 +1225,54 @@ fn policy_phase<S: ClientIo>(
     Ok(())
 }
 
+/// Phase 3b: reads the request body into `c.rb` until it is complete or
+/// `limits.request_buffer_bytes` of it arrived, whichever is first, so the upstream connection
+/// is only taken once the body is known to come at a useful rate (nginx buffers request bodies
+/// by default for the same reason). The bytes stay unread for the pump; reads are held to
+/// `pace` (rate floor and total deadline: too slow is 408 and close).
+async fn buffer_body<S: ClientIo>(
+    w: &Worker,
+    c: &mut Client<S>,
+    framing: BodyFraming,
+    pace: &mut Pace,
+) -> Result<(), ProxyError> {
+    let limit = w.settings.request_buffer_bytes;
+    // Chunked: how far the decoder has read the unread bytes (so a dripping client costs
+    // one decoder pass over its bytes, not one per read).
+    let mut dec = ChunkedDecoder::new();
+    let mut scanned = 0usize;
+    loop {
+        let unread = c.rb.unread();
+        let enough = match framing {
+            BodyFraming::None => true,
+            BodyFraming::Length(n) => unread.len() as u64 >= n.min(limit as u64),
+            BodyFraming::Chunked => loop {
+                let d = dec
+                    .decode(&unread[scanned..])
+                    .map_err(|_| ProxyError::client(ErrorKind::Protocol))?;
+                scanned += d.consumed;
+                if d.done || unread.len() >= limit {
+                    break true;
+                }
+                if d.consumed == 0 || scanned == unread.len() {
+                    break false;
+                }
+            },
+        };
+        if enough {
+            return Ok(());
+        }
+        // Room for the rest of a known length, up to the limit (at least 4 KiB a read).
+        let want = match framing {
+            BodyFraming::Length(n) => (n.min(limit as u64) as usize).saturating_sub(unread.len()),
+            _ => limit - unread.len(),
+        };
+        c.io.fill_paced(&mut c.rb, want.max(4096), w.settings.body_read, pace)
+            .await
+            .map_err(|e| e.on(Side::Client))?;
+    }
+}
+
 /// Phase 4: a pooled connection to `addr`, or a new one. Returns whether it was reused.
 async fn upstream_conn(
     w: &Worker,
@@ -1133,6 +1282,7 @@ async fn upstream_conn(
     if !fresh_only {
         let got = w.pool.borrow_mut().checkout(addr, Instant::now());
         w.stats.upstream_stale.add(got.stale);
+        w.stats.upstream_stray_bytes.add(got.dirty);
         if let Some(s) = got.stream {
             w.stats.upstream_reuses.inc();
             return Ok((s, true));
@@ -1156,11 +1306,13 @@ async fn upstream_conn(
 }
 
 /// Phase 5: reads until `ubuf` holds a complete response head (at its front). Failures before
-/// any byte are marked retry-safe.
+/// any byte are marked retry-safe. `until`: after an interim response, when the final head
+/// is due at the latest (past it: `InterimLimit`).
 async fn read_response_head(
     w: &Worker,
     up: &mut Timed<TcpStream>,
     ubuf: &mut RecvBuf,
+    until: Option<Instant>,
 ) -> Result<(), ProxyError> {
     let mut scanner = HeadScanner::new();
     loop {
@@ -1170,8 +1322,20 @@ async fn read_response_head(
             Err(_) => return Err(ProxyError::upstream(ErrorKind::Protocol)),
         }
         let nothing_yet = ubuf.buf.is_empty();
-        match up.fill(ubuf, 1024, w.settings.upstream_read).await {
+        let mut wait = w.settings.upstream_read;
+        let mut interim_bound = false;
+        if let Some(u) = until {
+            let left = u.saturating_duration_since(Instant::now());
+            if left < wait {
+                wait = left;
+                interim_bound = true;
+            }
+        }
+        match up.fill(ubuf, 1024, wait).await {
             Ok(_) => {}
+            Err(IoFail::Timeout) if interim_bound => {
+                return Err(ProxyError::upstream(ErrorKind::InterimLimit));
+            }
             Err(IoFail::Timeout) => return Err(ProxyError::upstream(ErrorKind::Timeout)),
             Err(IoFail::Closed) if !nothing_yet => {
                 return Err(ProxyError::upstream(ErrorKind::Protocol));
@@ -1245,7 +1409,11 @@ fn plan_response(
     let shutting_down = w.shutdown.is_fired();
     let mut close = force_close || !req.meta.keep_alive || shutting_down;
     if m.status == 101 {
-        if !(req.meta.upgrade && m.upgrade) {
+        // Only to a protocol the request was allowed to offer (the proxy removed the others).
+        let allowed = resp
+            .header("upgrade")
+            .is_some_and(|u| headers::upgrade_allowed(u, &s.upgrade_protocols));
+        if !(req.meta.upgrade && m.upgrade && allowed) {
             return Err(ProxyError::upstream(ErrorKind::Protocol));
         }
         headers::write_client_response(
@@ -1329,7 +1497,9 @@ fn plan_response(
         upgrade: false,
         body,
         client_close: close,
-        upstream_reusable: m.keep_alive,
+        // A 204 that announces a body (RFC 9110 §8.6 forbids it) may well send one: the
+        // connection is not trusted with another request.
+        upstream_reusable: m.keep_alive && !(m.status == 204 && m.declares_body),
     })
 }
 

@@ -330,8 +330,9 @@ async fn parking_lot(w: Rc<Worker>) {
     ready.clear();
     w.parking.drain(&mut ready);
     for p in ready.drain(..) {
+        let counted = p.counted;
         drop(p);
-        crate::conn::closed(&w);
+        crate::conn::closed(&w, counted);
     }
 }
 
@@ -404,8 +405,9 @@ async fn worker_main(spec: WorkerSpec) {
             expired.clear();
             hk.parking.expire(now, &mut expired);
             for p in expired.drain(..) {
+                let counted = p.counted;
                 drop(p); // closes the socket
-                crate::conn::closed(&hk);
+                crate::conn::closed(&hk, counted);
             }
             if !stopping && shutdown.is_requested() {
                 stopping = true;

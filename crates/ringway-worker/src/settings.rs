@@ -40,8 +40,16 @@ pub struct Settings {
 
     pub idle_per_upstream_max: usize,
     pub upstream_idle_timeout: Duration,
-    pub stale_check_idle: Duration,
     pub retry_idempotent: bool,
+    pub interim_responses_max: usize,
+
+    /// Request bodies up to this size are read before an upstream connection is taken.
+    pub request_buffer_bytes: usize,
+    pub body_total: Duration,
+    /// Rate floors: client sending a body, client taking a response.
+    pub body_pace: Option<crate::pace::Floor>,
+    pub response_pace: Option<crate::pace::Floor>,
+    pub connections_per_client_max: usize,
 
     pub trusted_proxies: Vec<Cidr>,
     /// PROXY protocol headers are read from connections of these peers (and required).
@@ -49,6 +57,9 @@ pub struct Settings {
     pub proxy_protocol_from: Vec<Cidr>,
     pub request_id_in_response: bool,
     pub security_headers: Vec<AddedHeader>,
+    pub untrusted_strip: crate::headers::NameSet,
+    /// Lower case.
+    pub upgrade_protocols: Vec<Box<[u8]>>,
 
     /// Challenge pass and nonce keys (the same for every worker of the process).
     pub challenge_keys: crate::challenge::Keys,
@@ -91,8 +102,26 @@ impl Settings {
             tunnel_idle: ms(t.tunnel_idle_ms),
             idle_per_upstream_max: c.upstream.idle_per_upstream_max,
             upstream_idle_timeout: ms(c.upstream.idle_timeout_ms),
-            stale_check_idle: ms(c.upstream.stale_check_idle_ms),
             retry_idempotent: c.upstream.retry_idempotent,
+            interim_responses_max: c.limits.interim_responses_max,
+            request_buffer_bytes: c.limits.request_buffer_bytes,
+            body_total: ms(t.body_total_ms),
+            body_pace: crate::pace::Floor::new(
+                c.limits.request_body_rate_min_bytes_per_s,
+                ms(t.min_rate_grace_ms),
+            ),
+            response_pace: crate::pace::Floor::new(
+                c.limits.response_rate_min_bytes_per_s,
+                ms(t.min_rate_grace_ms),
+            ),
+            connections_per_client_max: c.limits.connections_per_client_max,
+            untrusted_strip: crate::headers::NameSet::new(&c.headers.untrusted_strip),
+            upgrade_protocols: c
+                .headers
+                .upgrade_protocols
+                .iter()
+                .map(|p| p.to_ascii_lowercase().into_bytes().into_boxed_slice())
+                .collect(),
             trusted_proxies: c.headers.trusted_proxies.clone(),
             request_id_in_response: c.headers.request_id_in_response,
             security_headers: c

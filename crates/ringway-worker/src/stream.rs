@@ -11,6 +11,7 @@ use crate::deadline::Deadlines;
 use crate::error::{ErrorKind, IoFail, ProxyError, Side};
 use crate::io::{BufPool, RecvBuf, Timed};
 use crate::io::{ReadIo, WriteIo};
+use crate::pace::Pace;
 use monoio::io::Splitable;
 use monoio::net::TcpStream;
 use ringway_proto::ChunkedDecoder;
@@ -46,7 +47,26 @@ const CHUNK_OVERHEAD_BYTES: usize = 32;
 pub struct End<'a, S> {
     pub io: &'a mut Timed<S>,
     pub side: Side,
+    /// Longest wait for one read or write.
     pub timeout: Duration,
+    /// The client's rate floor on this side (see `crate::pace`): None for upstreams.
+    pub pace: Option<&'a mut Pace>,
+}
+
+impl<'a, S> End<'a, S> {
+    pub fn new(io: &'a mut Timed<S>, side: Side, timeout: Duration) -> Self {
+        Self {
+            io,
+            side,
+            timeout,
+            pace: None,
+        }
+    }
+
+    pub fn paced(mut self, pace: &'a mut Pace) -> Self {
+        self.pace = Some(pace);
+        self
+    }
 }
 
 /// Byte counts of a pump.
@@ -65,9 +85,9 @@ pub struct Pumped {
 /// `out` is flushed before returning. `body_max` bounds the decoded body (chunked requests).
 #[allow(clippy::too_many_arguments)]
 pub async fn pump<R, W>(
-    src: End<'_, R>,
+    mut src: End<'_, R>,
     sbuf: &mut RecvBuf,
-    dst: End<'_, W>,
+    mut dst: End<'_, W>,
     out: &mut Vec<u8>,
     mut decode: Decode,
     encode: Encode,
@@ -89,7 +109,17 @@ where
     macro_rules! flush {
         () => {
             if !out.is_empty() {
-                let (r, b) = dst.io.write_all(std::mem::take(out), dst.timeout).await;
+                let len = out.len();
+                let (r, b) = dst
+                    .io
+                    .write_range_paced(
+                        std::mem::take(out),
+                        0,
+                        len,
+                        dst.timeout,
+                        dst.pace.as_deref_mut(),
+                    )
+                    .await;
                 *out = b;
                 n.written += out.len() as u64;
                 out.clear();
@@ -169,11 +199,12 @@ where
                 Encode::Raw if out.is_empty() && len >= DIRECT_WRITE_BYTES_MIN => {
                     let (r, b) = dst
                         .io
-                        .write_range(
+                        .write_range_paced(
                             std::mem::take(&mut sbuf.buf),
                             start,
                             start + len,
                             dst.timeout,
+                            dst.pace.as_deref_mut(),
                         )
                         .await;
                     sbuf.buf = b;
@@ -215,7 +246,11 @@ where
             let small = sbuf.upgrade(bufs.take_big());
             bufs.put(small);
         }
-        match src.io.fill(sbuf, 4096, src.timeout).await {
+        let filled = match src.pace.as_deref_mut() {
+            Some(p) => src.io.fill_paced(sbuf, 4096, src.timeout, p).await,
+            None => src.io.fill(sbuf, 4096, src.timeout).await,
+        };
+        match filled {
             Ok(k) => n.read += k as u64,
             Err(IoFail::Closed) if matches!(decode, Decode::Close) => src_done = true,
             Err(e) => return (Err(e.on(src.side)), n),
