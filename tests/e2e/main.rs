@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod basics;
-mod hardening;
 mod bodies;
+mod hardening;
 mod policy;
 mod postgres;
 mod process;

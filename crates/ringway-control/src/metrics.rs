@@ -42,7 +42,8 @@ pub struct ControlStats {
     pub log_rows_written: AtomicU64,
     pub log_rows_spooled: AtomicU64,
     pub log_rows_replayed: AtomicU64,
-    pub log_rows_dropped: AtomicU64,
+    /// Log rows dropped, by reason.
+    pub log_rows_dropped: RowsDropped,
     pub log_batches_written: AtomicU64,
     pub log_batches_failed: AtomicU64,
     pub log_batches_duplicate: AtomicU64,
@@ -62,6 +63,60 @@ pub struct ControlStats {
     pub rate_limit_overflows: AtomicU64,
     /// Policy rows the database store refused (each load that refuses one counts it).
     pub policy_refusals: AtomicU64,
+}
+
+/// Why log rows were dropped: the `reason` label of `ringway_log_rows_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The database could not take them and the spool quota was reached.
+    SpoolFull,
+    /// The database could not take them and the spool append failed (disk full, I/O error).
+    SpoolWriteFailed,
+    /// The database refused their batch `REFUSALS_MAX` times in a row.
+    Refused,
+    /// Spooled, then lost to damage on disk (torn or corrupt frames, cut segments).
+    SpoolCorrupt,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::SpoolFull,
+        DropReason::SpoolWriteFailed,
+        DropReason::Refused,
+        DropReason::SpoolCorrupt,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::SpoolFull => "spool_full",
+            DropReason::SpoolWriteFailed => "spool_write_failed",
+            DropReason::Refused => "refused",
+            DropReason::SpoolCorrupt => "spool_corrupt",
+        }
+    }
+}
+
+/// Log rows dropped, one counter per `DropReason`.
+#[derive(Debug, Default)]
+pub struct RowsDropped([AtomicU64; DropReason::ALL.len()]);
+
+impl RowsDropped {
+    pub fn add(&self, reason: DropReason, rows: u64) {
+        self.0[reason as usize].fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// Sets a counter kept elsewhere (the spool counts its own damage).
+    pub fn store(&self, reason: DropReason, rows: u64) {
+        self.0[reason as usize].store(rows, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        DropReason::ALL.iter().map(|r| self.get(*r)).sum()
+    }
 }
 
 /// Bucket upper bounds of the latency histograms, in microseconds.
@@ -381,7 +436,12 @@ pub fn render(
         "ringway_slow_clients_total",
         "Exchanges cut off because the client moved bytes below its rate floor or past its deadline.",
         "direction",
-        |s| [("request_body", s.slow_request_bodies), ("response", s.slow_responses)],
+        |s| {
+            [
+                ("request_body", s.slow_request_bodies),
+                ("response", s.slow_responses),
+            ]
+        },
     );
     per_worker(
         &mut out,
@@ -631,12 +691,6 @@ fn render_db(out: &mut String, c: &ControlStats) {
             g(&c.log_rows_replayed),
         ),
         (
-            "ringway_log_rows_dropped_total",
-            "counter",
-            "Log rows dropped because the spool quota was full (rows dropped by full rings: ringway_log_dropped_total).",
-            g(&c.log_rows_dropped),
-        ),
-        (
             "ringway_log_batches_written_total",
             "counter",
             "Log batches written to proxy_logs.",
@@ -663,7 +717,7 @@ fn render_db(out: &mut String, c: &ControlStats) {
         (
             "ringway_log_spool_corrupt_frames_total",
             "counter",
-            "Spool frames that could not be read back (torn by a crash, or corrupt); the rest of their segment is discarded.",
+            "Damaged stretches found in the log spool (torn or corrupt frames, bytes it did not write), skipped up to the next whole frame; the rows lost count in ringway_log_rows_dropped_total{reason=\"spool_corrupt\"}.",
             g(&c.log_spool_corrupt_frames),
         ),
         (
@@ -675,6 +729,20 @@ fn render_db(out: &mut String, c: &ControlStats) {
     ] {
         family(out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        out,
+        "ringway_log_rows_dropped_total",
+        "counter",
+        "Log rows dropped, by reason: spool_full (quota), spool_write_failed, refused (by the database, 3 times), spool_corrupt (lost to damage in the spool). Rows dropped by full rings: ringway_log_dropped_total.",
+    );
+    for r in DropReason::ALL {
+        let _ = writeln!(
+            out,
+            "ringway_log_rows_dropped_total{{reason=\"{}\"}} {}",
+            r.label(),
+            c.log_rows_dropped.get(r)
+        );
     }
     family(
         out,
@@ -910,5 +978,24 @@ mod tests {
             text.contains("ringway_request_duration_seconds_bucket{worker=\"0\",le=\"+Inf\"} 2")
         );
         assert!(text.contains("ringway_request_duration_seconds_count{worker=\"0\"} 2"));
+    }
+
+    #[test]
+    fn rows_dropped_render_by_reason() {
+        let c = ControlStats::default();
+        c.log_rows_dropped.add(DropReason::SpoolFull, 3);
+        c.log_rows_dropped.store(DropReason::SpoolCorrupt, 7);
+        assert_eq!(c.log_rows_dropped.total(), 10);
+        let text = render(&[], &RouteTable::new(), &CertTable::new(), &c);
+        for (reason, n) in [
+            ("spool_full", 3),
+            ("spool_write_failed", 0),
+            ("refused", 0),
+            ("spool_corrupt", 7),
+        ] {
+            let line = format!("ringway_log_rows_dropped_total{{reason=\"{reason}\"}} {n}\n");
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(!text.contains("ringway_log_rows_dropped_total 0"));
     }
 }

@@ -572,7 +572,8 @@ impl<'b> Request<'_, 'b> {
     pub fn origin_target(&self) -> OriginTarget<'b> {
         let rest = &self.target[self.meta.path_start..];
         OriginTarget {
-            slash: rest.first() != Some(&b'/'),
+            // Only an absolute-form target can lack its slash (`OPTIONS *` is sent as it is).
+            slash: self.meta.target_authority.is_some() && rest.first() != Some(&b'/'),
             rest,
         }
     }
@@ -1038,6 +1039,10 @@ mod tests {
         assert_eq!(status_of(b"GET x HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status_of(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status_of(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"), 200);
+        let raw = b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+        let r = parse_request(raw, &limits(), &mut slots).unwrap();
+        assert_eq!(r.origin_target().to_vec(), b"*");
         assert_eq!(status_of(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n"), 405);
     }
 

@@ -12,13 +12,14 @@
 //! Exactly once: a batch carries an id, and the transaction that copies its rows first
 //! inserts the id into `ringway_log_batches`; a batch whose commit outcome was unknown (the
 //! connection broke) is retried from the spool and skipped if the id is already there.
-//! Records are dropped only when a ring is full (counted by the worker) or the spool quota is
-//! (counted here).
+//! Records are dropped only when a ring is full (counted by the worker), or here, by reason
+//! (`DropReason`): the spool is full or its write fails, the database refuses a batch again
+//! and again, or damage on disk destroys spooled rows.
 
 use super::copy::{self, COLUMNS, HEADER, TRAILER};
 use super::spool::{Batch, Spool, SpoolError};
 use super::{Backoff, Conn, PgError, connect};
-use crate::metrics::ControlStats;
+use crate::metrics::{ControlStats, DropReason};
 use futures_util::SinkExt;
 use ringway_core::LogEntry;
 use std::path::PathBuf;
@@ -159,20 +160,32 @@ fn spool_batch(spool: &Mutex<Spool>, b: &Batch, stats: &ControlStats) {
                 .fetch_add(u64::from(b.rows), Ordering::Relaxed);
         }
         Err(e) => {
-            stats
-                .log_rows_dropped
-                .fetch_add(u64::from(b.rows), Ordering::Relaxed);
-            match e {
+            let reason = match e {
                 SpoolError::Full { .. } => {
-                    tracing::error!(rows = b.rows, error = %e, "log rows dropped: database unavailable and spool full")
+                    tracing::error!(rows = b.rows, error = %e, "log rows dropped: database unavailable and spool full");
+                    DropReason::SpoolFull
                 }
                 SpoolError::Io { .. } => {
-                    tracing::error!(rows = b.rows, error = %e, "log rows dropped: spool write failed")
+                    tracing::error!(rows = b.rows, error = %e, "log rows dropped: spool write failed");
+                    DropReason::SpoolWriteFailed
                 }
-            }
+            };
+            stats.log_rows_dropped.add(reason, u64::from(b.rows));
         }
     }
+    publish(&s, stats);
+}
+
+/// Publishes the spool's state: after every operation on it, so that its gauges and damage
+/// counts are true at all times, not only after a replay.
+fn publish(s: &Spool, stats: &ControlStats) {
     stats.log_spool_bytes.store(s.bytes(), Ordering::Relaxed);
+    stats
+        .log_spool_corrupt_frames
+        .store(s.corrupt_frames(), Ordering::Relaxed);
+    stats
+        .log_rows_dropped
+        .store(DropReason::SpoolCorrupt, s.rows_lost());
 }
 
 /// Opens the spool and starts the writer task; returns the drain side and the task.
@@ -186,9 +199,8 @@ pub fn start(
     if !spool.is_empty() {
         tracing::info!(bytes = spool.bytes(), dir = %cfg.spool_dir.display(), "log spool from an earlier run: replaying when the database is reachable");
     }
-    stats
-        .log_spool_bytes
-        .store(spool.bytes(), Ordering::Relaxed);
+    // Damage found when the spool was opened shows from the start.
+    publish(&spool, &stats);
     let spool = Arc::new(Mutex::new(spool));
     let (tx, rx) = tokio::sync::mpsc::channel(LOG_BATCHES_QUEUED_MAX);
     let writer = Writer {
@@ -239,10 +251,11 @@ impl Writer {
             if self.replay_one().await {
                 continue;
             }
-            if let Ok(mut s) = self.spool.lock()
-                && let Err(e) = s.sync_if_due()
-            {
-                tracing::error!(error = %e, "log spool sync failed");
+            if let Ok(mut s) = self.spool.lock() {
+                if let Err(e) = s.tick() {
+                    tracing::error!(error = %e, "log spool sync failed");
+                }
+                publish(&s, &self.stats);
             }
             let wait = if self.spool_empty() {
                 super::spool::SYNC_INTERVAL
@@ -292,7 +305,12 @@ impl Writer {
             return false;
         }
         let next = match self.spool.lock() {
-            Ok(mut s) => s.peek_many(self.replay_width, REPLAY_BYTES_MAX),
+            Ok(mut s) => {
+                let next = s.peek_many(self.replay_width, REPLAY_BYTES_MAX);
+                // Reading may have found (and skipped) damage.
+                publish(&s, &self.stats);
+                next
+            }
             Err(_) => return false,
         };
         let batches = match next {
@@ -322,22 +340,15 @@ impl Writer {
                 let rows: u64 = batches.iter().map(|b| u64::from(b.rows)).sum();
                 tracing::error!(batch = %batches[0].id, rows, "log batch refused by the database {REFUSALS_MAX} times: dropped");
                 ControlStats::inc(&self.stats.log_batches_refused);
-                self.stats
-                    .log_rows_dropped
-                    .fetch_add(rows, Ordering::Relaxed);
+                self.stats.log_rows_dropped.add(DropReason::Refused, rows);
                 self.refusals = 0;
             }
         }
         if let Ok(mut s) = self.spool.lock() {
-            self.stats
-                .log_spool_corrupt_frames
-                .store(s.corrupt_frames, Ordering::Relaxed);
             if let Err(e) = s.consume() {
                 tracing::error!(error = %e, "log spool: cannot remove a replayed segment");
             }
-            self.stats
-                .log_spool_bytes
-                .store(s.bytes(), Ordering::Relaxed);
+            publish(&s, &self.stats);
         }
         true
     }
