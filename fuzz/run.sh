@@ -39,17 +39,19 @@ for t in "${targets[@]}"; do
     mkdir -p "work/$t" "corpus/$t"
     log="work/$t.log"
     status=ok
+    t0=$(date +%s)
     if ! cargo fuzz run "${flags[@]}" "$t" "work/$t" "corpus/$t" -- \
         -max_total_time="$seconds" -timeout="$timeout_s" -rss_limit_mb="$rss_mb" \
         -print_final_stats=1 >"$log" 2>&1; then
         status=CRASH
         failed=1
     fi
+    elapsed=$(($(date +%s) - t0))
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo 0)
     cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)
     # Keep only what adds coverage.
     cargo fuzz run "${flags[@]}" "$t" "corpus/$t" "work/$t" -- -merge=1 >"work/$t.merge.log" 2>&1 || true
-    line="$t: ${seconds}s, ${execs:-0} executions, ${cov:-cov: ?}, corpus $(ls "corpus/$t" | wc -l) inputs, $status"
+    line="$t: ${elapsed}s, ${execs:-0} executions, ${cov:-cov: ?}, corpus $(ls "corpus/$t" | wc -l) inputs, $status"
     echo "$line" | tee -a work/summary.txt
     if [[ $status != ok ]]; then
         grep -E 'panicked|Failing input|SUMMARY' "$log" | head -5 >&2 || true

@@ -33,15 +33,21 @@ IDLE_CONNS = int(os.environ.get("IDLE_CONNECTIONS", "10000"))
 NPROC = os.cpu_count() or 2
 PROXY_CPUS = os.environ.get("PROXY_CPUS", "0")
 LOAD_CPUS = os.environ.get("LOAD_CPUS", "1" if NPROC > 1 else "0")
-SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,6,7,8").split(",") if s.strip()]
+SCENARIOS = [s.strip() for s in os.environ.get("SCENARIOS", "1,2,3,4,5,6,7,8,9").split(",") if s.strip()]
 PROXIES = [p.strip() for p in os.environ.get("PROXIES", "ringway,nginx,haproxy").split(",") if p.strip()]
 # Overrides of Ringway's config: "section.key=value;section.key=value" (TOML values).
 RINGWAY_SET = [kv.strip() for kv in os.environ.get("RINGWAY_SET", "").split(";") if kv.strip()]
 
-ORIGIN_PORT, RW_PORT, NG_PORT, HA_PORT, RW100K_PORT, RWPOL_PORT = 18000, 18001, 18002, 18003, 18004, 18005
+ORIGIN_PORT, RW_PORT, NG_PORT, HA_PORT, RW100K_PORT, RWPOL_PORT, RWBASE_PORT = 18000, 18001, 18002, 18003, 18004, 18005, 18006
 # HTTPS listeners (scenario 6), same certificate for all three.
 TLS_PORTS = {"ringway": 18011, "nginx": 18012, "haproxy": 18013}
-RW_ADMIN, RW100K_ADMIN, RWPOL_ADMIN = 18091, 18094, 18095
+RW_ADMIN, RW100K_ADMIN, RWPOL_ADMIN, RWBASE_ADMIN = 18091, 18094, 18095, 18096
+# A second Ringway binary (an earlier build) measured beside the current one in scenario 1,
+# paired by round: RINGWAY_BASELINE=/path/to/ringway.
+BASELINE_BIN = os.environ.get("RINGWAY_BASELINE", "")
+# Scenario 9: slow clients held while legitimate keep-alive load runs.
+SLOW_HEADER_CONNS = int(os.environ.get("SLOW_HEADER_CONNECTIONS", "6000"))
+SLOW_BODY_CONNS = int(os.environ.get("SLOW_BODY_CONNECTIONS", "200"))
 PORTS = {"ringway": RW_PORT, "nginx": NG_PORT, "haproxy": HA_PORT, "ringway-100k": RW100K_PORT, "ringway-policy": RWPOL_PORT, "origin": ORIGIN_PORT}
 # Scenario 8: IP rules in the ACL of the policy instance, none matching the load generator.
 POLICY_RULES = int(os.environ.get("POLICY_RULES", "10000"))
@@ -224,6 +230,7 @@ enabled = false
         )
 
     variant("ringway-100k.toml", RW100K_PORT, RW100K_ADMIN, "routes-100k.toml")
+    variant("ringway-baseline.toml", RWBASE_PORT, RWBASE_ADMIN, "routes.toml")
     # Scenario 8: the same route under a project policy with a 10,000-rule deny list (random
     # /32 and /24 outside 127/8, a tenth IPv6) and a rate limit per client that is never hit.
     # Visitor cookies are off: the figure is the cost of the checks, not of a Set-Cookie.
@@ -260,6 +267,12 @@ http {{
   client_max_body_size 0;
   keepalive_requests 1000000;
   keepalive_timeout 60s;
+  # Slow clients (scenario 9), set as an operator defending against them would, to
+  # Ringway's defaults: a whole head within 10 s, no 10 s without body bytes or without the
+  # client taking response bytes.
+  client_header_timeout 10s;
+  client_body_timeout 10s;
+  send_timeout 10s;
   upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 128; keepalive_requests 1000000; }}
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:SSL:10m;
@@ -269,6 +282,15 @@ http {{
     listen 127.0.0.1:{TLS_PORTS['nginx']} ssl reuseport backlog=4096;
     ssl_certificate {workdir}/tls/localhost.crt;
     ssl_certificate_key {workdir}/tls/localhost.key;
+    # Scenario 9's uploads: nginx's default request buffering (the whole body before the
+    # upstream is contacted), with a 64 KiB memory buffer like Ringway's request_buffer_bytes.
+    location /slow-upload {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_request_buffering on;
+      client_body_buffer_size 64k;
+    }}
     location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
@@ -305,9 +327,13 @@ defaults
   timeout client 60s
   timeout server 60s
   timeout http-keep-alive 60s
+  # Slow clients (scenario 9): a whole request head within 10 s, as Ringway's default; the
+  # body (with http-buffer-request) counts against it too.
+  timeout http-request 10s
   option http-keep-alive
   http-reuse always
 frontend fe
+  option http-buffer-request
   bind 127.0.0.1:{HA_PORT}
   bind 127.0.0.1:{TLS_PORTS['haproxy']} ssl crt {workdir}/tls/localhost.pem alpn http/1.1 ssl-min-ver TLSv1.2
   option forwardfor
@@ -368,6 +394,52 @@ def measure(proxy_pids, fn):
     res["upstream_conns_per_1k"] = (c1 - c0) * 1000.0 / reqs
     res["upstream_requests"] = r1 - r0 - 1
     return res
+
+
+def established(port, local=True, pids=None):
+    """TCP connections in ESTABLISHED on (local) or to (remote) `port`, of `pids` if given."""
+    side = "sport" if local else "dport"
+    argv = ["ss", "-Htn"] + (["-p"] if pids else []) + ["state", "established", f"( {side} = :{port} )"]
+    lines = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()
+    if pids:
+        lines = [l for l in lines if any(f"pid={p}," in l for p in pids)]
+    return len(lines)
+
+
+def slow_clients_run(port, pids):
+    """Scenario 9: wrk's keep-alive load while slow clients are held; returns its result with
+    the slow clients' counts and the connections held, sampled once a second."""
+    seconds = str(DURATION + 8)
+    lg = str(REL / "ringway-loadgen")
+    hdr = subprocess.Popen(taskset(LOAD_CPUS, [lg, "slow", f"127.0.0.1:{port}", "localhost", "/", "--connections", str(SLOW_HEADER_CONNS), "--seconds", seconds, "--kind", "headers"]), stdout=subprocess.PIPE, text=True)
+    body = subprocess.Popen(taskset(LOAD_CPUS, [lg, "slow", f"127.0.0.1:{port}", "localhost", "/slow-upload", "--connections", str(SLOW_BODY_CONNS), "--seconds", seconds, "--kind", "body"]), stdout=subprocess.PIPE, text=True)
+    hdr.stdout.readline()
+    body.stdout.readline()
+    time.sleep(3)
+    samples = []
+    stop = [False]
+
+    def sample():
+        while not stop[0]:
+            samples.append((established(port), established(ORIGIN_PORT, local=False, pids=pids)))
+            time.sleep(1)
+
+    import threading
+    t = threading.Thread(target=sample)
+    t.start()
+    r = measure(pids, lambda: run_wrk(port))
+    stop[0] = True
+    t.join()
+    h = json.loads(hdr.stdout.readlines()[-1])
+    b = json.loads(body.stdout.readlines()[-1])
+    hdr.wait()
+    body.wait()
+    r["client_conns_held"] = median([x[0] for x in samples])
+    r["upstream_conns_held"] = median([x[1] for x in samples])
+    r["slow_header_closed_by_proxy"] = h["closed_by_server"]
+    r["slow_body_closed_by_proxy"] = b["closed_by_server"]
+    r["slow_connect_errors"] = h["connect_errors"] + b["connect_errors"]
+    return r
 
 
 def scenario_runs(name, proxies, nginx_max):
@@ -454,6 +526,11 @@ def scenario_runs(name, proxies, nginx_max):
         elif name == "8":
             # Scenario 1 again, on plain Ringway and on the policy instance back to back.
             out[pname] = measure(pids, lambda: run_wrk(port))
+        elif name == "9-base":
+            # Scenario 1 right before the attack, for the ratio in the same round.
+            out[pname] = measure(pids, lambda: run_wrk(port))
+        elif name == "9":
+            out[pname] = slow_clients_run(port, pids)
     return out
 
 
@@ -479,6 +556,8 @@ SCENARIO_TITLES = {
     "6-idle": "6c. idle TLS keep-alive connections",
     "7": "7. 100,000 routes loaded, as scenario 1",
     "8": "8. edge policy: a 10,000-rule IP deny list and a never-hit rate limit, as scenario 1",
+    "9-base": "9a. as scenario 1, just before 9b",
+    "9": "9b. as scenario 1 while slow clients are held: slow headers and slow bodies, each reopened when closed",
 }
 
 
@@ -523,10 +602,22 @@ def render_markdown(summary, meta):
     if "origin" in summary:
         o = summary["origin"].get("origin", {})
         L.append(f"Origin alone (scenario 1 shape, no proxy): {fmt(o.get('rps'))} requests/s — the proxies below stay under it, so the origin is not their bottleneck.\n")
-    for sc in [s for s in ["1", "2", "3-down", "3-up", "4", "5", "6-ka", "6-hs", "6-idle", "7", "8"] if s in summary]:
+    for sc in [s for s in ["1", "2", "3-down", "3-up", "4", "5", "6-ka", "6-hs", "6-idle", "7", "8", "9-base", "9"] if s in summary]:
         L.append(f"## {SCENARIO_TITLES[sc]}\n")
         per = summary[sc]
         ng, ha = per.get("nginx", {}), per.get("haproxy", {})
+        if sc == "9":
+            L.append(f"{SLOW_HEADER_CONNS} slow-header clients (a header line every 10 s, never the end of the head) and {SLOW_BODY_CONNS} slow-body clients (2 bytes a second of a 1 MB body) held by `ringway-loadgen slow`, each reopened when the proxy closes it; wrk's keep-alive load as in scenario 1 meanwhile.\n")
+            L.append("| proxy | requests/s | vs its 9a | vs nginx | p50 / p99 ms | errors | client conns held (median) | upstream conns held (median) | slow-header conns closed by the proxy | slow-body conns closed by the proxy |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            base = summary.get("9-base", {})
+            for pname, r in per.items():
+                vs_base = median([ratio(a.get("rps"), b.get("rps")) for a, b in zip(RESULTS.get("9", {}).get(pname, []), RESULTS.get("9-base", {}).get(pname, []))])
+                L.append(
+                    f"| {pname} | {fmt(r.get('rps'))} | {fmt(vs_base, 2)}x | {fmt(ratio(r.get('rps'), ng.get('rps')), 2)}x | {fmt(r.get('p50_ms'), 3)} / {fmt(r.get('p99_ms'), 3)} | {fmt(r.get('errors'), 0)} | {fmt(r.get('client_conns_held'), 0)} | {fmt(r.get('upstream_conns_held'), 0)} | {fmt(r.get('slow_header_closed_by_proxy'), 0)} | {fmt(r.get('slow_body_closed_by_proxy'), 0)} |"
+                )
+            L.append("")
+            continue
         if sc in ("5", "6-idle"):
             L.append("| proxy | idle connections | RSS before (KiB) | RSS with idle conns (KiB) | KiB per idle connection | vs nginx |")
             L.append("|---|---:|---:|---:|---:|---:|")
@@ -555,6 +646,16 @@ def render_markdown(summary, meta):
             base = summary["1"]["ringway"].get("rps")
             r = per.get("ringway-100k", {}).get("rps")
             L.append(f"\nWith 100,000 routes Ringway serves {fmt(ratio(r, base), 3)}x its scenario-1 rate (1 route).")
+        if sc == "1" and "ringway-baseline" in per and "ringway" in per:
+            cur, old = RESULTS.get("1", {}).get("ringway", []), RESULTS.get("1", {}).get("ringway-baseline", [])
+            cpu = [ratio(a.get("cpu_us_per_req"), b.get("cpu_us_per_req")) for a, b in zip(cur, old)]
+            rps = [ratio(a.get("rps"), b.get("rps")) for a, b in zip(cur, old)]
+            spread = lambda xs: f"{fmt(min(xs), 3)}-{fmt(max(xs), 3)}" if xs and None not in xs else "–"  # noqa: E731
+            L.append(
+                f"\nThis build against the earlier one (`{BASELINE_BIN}`), paired by round: CPU per request {fmt(median(cpu), 3)}x "
+                f"(spread {spread(cpu)}), requests/s {fmt(median(rps), 3)}x (spread {spread(rps)}). "
+                f"Per round, CPU ratios: {', '.join(fmt(x, 3) for x in cpu)}; CPU µs/req this build: {', '.join(fmt(a.get('cpu_us_per_req'), 2) for a in cur)}; earlier: {', '.join(fmt(b.get('cpu_us_per_req'), 2) for b in old)}."
+            )
         if sc == "8" and "ringway" in per and "ringway-policy" in per:
             a, b = per["ringway"], per["ringway-policy"]
             cost = 1 - ratio(b.get("rps"), a.get("rps")) if ratio(b.get("rps"), a.get("rps")) else None
@@ -639,12 +740,14 @@ def main():
         "ringway-100k": Proxy("ringway-100k", taskset(PROXY_CPUS, [str(REL / "ringway"), "serve", "--config", str(WORK / "ringway-100k.toml")]), RW100K_PORT),
         "ringway-policy": Proxy("ringway-policy", taskset(PROXY_CPUS, [str(REL / "ringway"), "serve", "--config", str(WORK / "ringway-policy.toml")]), RWPOL_PORT),
     }
+    if BASELINE_BIN:
+        ALL["ringway-baseline"] = Proxy("ringway-baseline", taskset(PROXY_CPUS, [BASELINE_BIN, "serve", "--config", str(WORK / "ringway-baseline.toml")]), RWBASE_PORT)
     proxies = [p for p in PROXIES if p in ALL]
     started = [origin]
     results = {}
     try:
         origin.start(WORK)
-        extra = (["ringway-100k"] if "7" in SCENARIOS else []) + (["ringway-policy"] if "8" in SCENARIOS else [])
+        extra = (["ringway-100k"] if "7" in SCENARIOS else []) + (["ringway-policy"] if "8" in SCENARIOS else []) + (["ringway-baseline"] if BASELINE_BIN and "1" in SCENARIOS else [])
         if "8" in SCENARIOS and "ringway" not in proxies:
             extra.append("ringway")
         for pname in proxies + extra:
@@ -659,8 +762,9 @@ def main():
             o = measure([origin.proc.pid], lambda: run_wrk(ORIGIN_PORT))
             results.setdefault("origin", {}).setdefault("origin", []).append(o)
             for sc in SCENARIOS:
-                if sc in ("3", "6"):
-                    for sub in (["3-down", "3-up"] if sc == "3" else ["6-ka", "6-hs", "6-idle"]):
+                if sc in ("3", "6", "9"):
+                    subs = {"3": ["3-down", "3-up"], "6": ["6-ka", "6-hs", "6-idle"], "9": ["9-base", "9"]}[sc]
+                    for sub in subs:
                         for pname, r in scenario_runs(sub, proxies, nginx_max).items():
                             results.setdefault(sub, {}).setdefault(pname, []).append(r)
                             log(f"  S{sub} {pname}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k in ("rps", "cpu_us_per_req", "handshakes_per_core_s", "kib_per_idle_conn", "errors")))
@@ -671,6 +775,9 @@ def main():
                 # Scenario 8 alternates which instance goes first, so drift favours neither.
                 pair = ["ringway", "ringway-policy"] if rnd % 2 else ["ringway-policy", "ringway"]
                 run_on = ["ringway-100k"] if sc == "7" else pair if sc == "8" else proxies
+                if sc == "1" and BASELINE_BIN:
+                    # Paired with the earlier build, which goes first every other round.
+                    run_on = (["ringway-baseline"] + proxies) if rnd % 2 == 0 else (proxies + ["ringway-baseline"])
                 for pname, r in scenario_runs(sc, run_on, nginx_max).items():
                     results.setdefault(sc, {}).setdefault(pname, []).append(r)
                     log(f"  S{sc} {pname}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k in ("rps", "cpu_us_per_req", "p99_ms", "kib_per_idle_conn", "errors")))
@@ -686,6 +793,7 @@ def main():
         "nginx": version(["nginx", "-v"]),
         "haproxy": version(["haproxy", "-v"]),
         "ringway": version([str(REL / "ringway"), "--version"]),
+        "ringway_baseline": BASELINE_BIN or None,
         "command": os.environ.get("LOADTEST_COMMAND", "loadtest/run.sh"),
         "rounds": ROUNDS,
         "duration_s": DURATION,

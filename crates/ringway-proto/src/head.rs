@@ -121,18 +121,30 @@ impl HeadScanner {
     pub fn scan(&mut self, buf: &[u8], limits: &HeadLimits) -> Result<Option<usize>, HeadError> {
         let scan_end = buf.len().min(limits.header_bytes_max);
         let mut i = self.pos;
-        while i < scan_end {
+        loop {
+            // Bytes past a limit are never looked at, so the first error by position wins
+            // however the head was split into reads (the fuzzer found a NUL past the request
+            // line limit answered 400 in one read and 414 in two).
+            let end = if self.start_line_done {
+                scan_end
+            } else {
+                scan_end.min(self.line_start + limits.request_line_bytes_max)
+            };
+            if i >= end {
+                break;
+            }
             // Jump to the next interesting byte: CR, LF or NUL.
-            let Some(off) = memchr::memchr3(b'\r', b'\n', 0, &buf[i..scan_end]) else {
-                i = scan_end;
+            let Some(off) = memchr::memchr3(b'\r', b'\n', 0, &buf[i..end]) else {
+                i = end;
                 break;
             };
             i += off;
             match buf[i] {
                 0 => return Err(HeadError::Nul),
                 b'\r' => {
-                    if i + 1 >= buf.len() {
-                        // The LF may come with the next read.
+                    if i + 1 >= end {
+                        // The LF may come with the next read, or lies past a limit (then the
+                        // limit's error below, whatever that byte is).
                         break;
                     }
                     if buf[i + 1] != b'\n' {
@@ -169,6 +181,7 @@ impl HeadScanner {
         if !self.start_line_done && buf.len() - self.line_start > limits.request_line_bytes_max {
             return Err(HeadError::RequestLineTooLong);
         }
+        debug_assert!(self.pos <= buf.len());
         if buf.len() >= limits.header_bytes_max {
             return Err(HeadError::HeadTooLarge);
         }
@@ -322,7 +335,9 @@ fn map_httparse(e: httparse::Error) -> HeadError {
     match e {
         httparse::Error::HeaderName => HeadError::Syntax("header name"),
         httparse::Error::HeaderValue => HeadError::Syntax("header value"),
-        httparse::Error::NewLine => HeadError::BareLineBreak,
+        // The scanner refuses bare CR and LF before any parse: here it means something other
+        // than CRLF where a line must end ("GET / HTTP/1.1: x").
+        httparse::Error::NewLine => HeadError::Syntax("line end"),
         httparse::Error::Status => HeadError::Status,
         httparse::Error::Token => HeadError::Syntax("request line"),
         httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,

@@ -10,8 +10,12 @@
 //! the hold time. The load test reads the proxy's RSS while they are held.
 //!
 //! `handshakes`: a full TLS 1.3 handshake per request, never resumed (see `handshakes.rs`).
+//!
+//! `slow`: N slow clients (slow headers or a slow body) held for S seconds, each reopened when
+//! the server closes it (see `slow.rs`).
 
 mod handshakes;
+mod slow;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  ringway-loadgen rate ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen idle ADDR HOST PATH --connections N --hold-seconds S\n  ringway-loadgen handshakes ADDR SNI PATH --connections C --seconds S"
+        "usage:\n  ringway-loadgen rate ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen idle ADDR HOST PATH --connections N --hold-seconds S\n  ringway-loadgen handshakes ADDR SNI PATH --connections C --seconds S\n  ringway-loadgen slow ADDR HOST PATH --connections N --seconds S --kind headers|body [--interval-ms MS]"
     );
     std::process::exit(2)
 }
@@ -35,6 +39,8 @@ struct Args {
     rate: f64,
     connections: usize,
     seconds: f64,
+    kind: String,
+    interval_ms: Option<u64>,
 }
 
 fn parse() -> Args {
@@ -54,6 +60,8 @@ fn parse() -> Args {
         rate: 1000.0,
         connections: 64,
         seconds: 10.0,
+        kind: "headers".into(),
+        interval_ms: None,
     };
     while let Some(k) = a.next() {
         let v = a.next().unwrap_or_else(|| usage());
@@ -61,6 +69,8 @@ fn parse() -> Args {
             "--rate" => args.rate = v.parse().unwrap_or_else(|_| usage()),
             "--connections" => args.connections = v.parse().unwrap_or_else(|_| usage()),
             "--seconds" | "--hold-seconds" => args.seconds = v.parse().unwrap_or_else(|_| usage()),
+            "--kind" => args.kind = v,
+            "--interval-ms" => args.interval_ms = Some(v.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -138,6 +148,21 @@ fn main() {
     let a = parse();
     if a.mode == "handshakes" {
         handshakes::run(a.addr, &a.host, &a.path, a.connections, a.seconds);
+        return;
+    }
+    if a.mode == "slow" {
+        let interval = a
+            .interval_ms
+            .unwrap_or(if a.kind == "body" { 1000 } else { 10_000 });
+        slow::run(
+            a.addr,
+            &a.host,
+            &a.path,
+            a.connections,
+            a.seconds,
+            &a.kind,
+            interval,
+        );
         return;
     }
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
