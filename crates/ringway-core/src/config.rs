@@ -900,12 +900,14 @@ impl Config {
             7 * 86_400_000,
             "1 ms to 7 days",
         )?;
+        // No grace would make every wait of a floor end at the next tick: floors are turned
+        // off by their rates (0), not by the grace.
         range(
             "timeouts.min_rate_grace_ms",
             t.min_rate_grace_ms,
-            0,
+            1000,
             3_600_000,
-            "0 to 1 hour",
+            "1 s to 1 hour",
         )?;
         for h in &self.headers.security {
             let name_ok = ringway_proto::token::is_token(h.name.as_bytes());

@@ -586,6 +586,15 @@ impl<'b> Request<'_, 'b> {
     /// path of an origin-form target is never empty).
     pub fn origin_target(&self) -> OriginTarget<'b> {
         let rest = &self.target[self.meta.path_start..];
+        // `OPTIONS http://a.example` asks about the server: forwarded as `OPTIONS *`
+        // (RFC 9112 §3.2.4).
+        if self.method == Method::Options && self.meta.target_authority.is_some() && rest.is_empty()
+        {
+            return OriginTarget {
+                slash: false,
+                rest: b"*",
+            };
+        }
         OriginTarget {
             // Only an absolute-form target can lack its slash (`OPTIONS *` is sent as it is).
             slash: self.meta.target_authority.is_some() && rest.first() != Some(&b'/'),
@@ -596,6 +605,9 @@ impl<'b> Request<'_, 'b> {
     /// Path without the query string (`/` when the target has none), for logs and policies.
     pub fn path(&self) -> &'b [u8] {
         let t = &self.target[self.meta.path_start..];
+        if t.is_empty() && self.method == Method::Options && self.meta.target_authority.is_some() {
+            return b"*";
+        }
         let p = match memchr::memchr(b'?', t) {
             Some(i) => &t[..i],
             None => t,
@@ -1055,6 +1067,10 @@ mod tests {
         assert_eq!(status_of(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status_of(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"), 200);
         let raw = b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+        let r = parse_request(raw, &limits(), &mut slots).unwrap();
+        assert_eq!(r.origin_target().to_vec(), b"*");
+        let raw = b"OPTIONS http://a.example HTTP/1.1\r\nHost: a\r\n\r\n";
         let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
         let r = parse_request(raw, &limits(), &mut slots).unwrap();
         assert_eq!(r.origin_target().to_vec(), b"*");

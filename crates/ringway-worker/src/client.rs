@@ -17,7 +17,7 @@ pub struct ParkedTls {
 }
 
 /// A client connection's transport.
-pub trait ClientIo: ReadIo + WriteIo + Sized + 'static {
+pub trait ClientIo: ReadIo + WriteIo + crate::io::Wire + Sized + 'static {
     /// Requests arrive over TLS (X-Forwarded-Proto, redirects, HSTS, SNI checks).
     const TLS: bool;
 

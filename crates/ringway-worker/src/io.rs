@@ -257,6 +257,65 @@ impl<T: CancelableAsyncWriteRent> WriteIo for T {
     }
 }
 
+/// Bytes a TCP connection moved at the socket level, from `TCP_INFO`: what the peer has
+/// acknowledged of ours and what we received from it. The rate floors read it when a wait
+/// runs out, since the operation's own result can hide progress: the kernel wakes a blocked
+/// writer only once a third of its send buffer has drained, and a TLS read returns nothing
+/// until a whole record is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WireBytes {
+    pub acked: u64,
+    pub received: u64,
+}
+
+/// `struct tcp_info` offsets of `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux 4.1+;
+/// `include/uapi/linux/tcp.h`: 8 one-byte fields, 24 four-byte ones, then the pacing rates).
+const TCPI_BYTES_ACKED_OFFSET: usize = 120;
+const TCPI_BYTES_RECEIVED_OFFSET: usize = 128;
+
+/// Reads [`WireBytes`] of a TCP socket; None on an older kernel or a socket error.
+pub fn wire_bytes(fd: std::os::fd::RawFd) -> Option<WireBytes> {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket for the duration of the call; `info` is a writable
+    // buffer of `len` bytes and the kernel writes at most `len` of them, storing the length it
+    // wrote back into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast::<libc::c_void>(),
+            &raw mut len,
+        )
+    };
+    let end = TCPI_BYTES_RECEIVED_OFFSET + 8;
+    if rc != 0 || (len as usize) < end {
+        return None;
+    }
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&info[at..at + 8]);
+        u64::from_ne_bytes(b)
+    };
+    Some(WireBytes {
+        acked: word(TCPI_BYTES_ACKED_OFFSET),
+        received: word(TCPI_BYTES_RECEIVED_OFFSET),
+    })
+}
+
+/// A connection whose socket-level progress can be read (client connections, plain and TLS).
+pub trait Wire {
+    fn wire(&self) -> Option<WireBytes>;
+}
+
+impl Wire for monoio::net::TcpStream {
+    fn wire(&self) -> Option<WireBytes> {
+        use std::os::fd::AsRawFd;
+        wire_bytes(self.as_raw_fd())
+    }
+}
+
 /// Runs an I/O future until `timeout` resolves. On timeout the operation is cancelled through
 /// `canceller` and awaited to completion, so the buffer comes back.
 pub async fn timed<F, T, D>(fut: F, canceller: &mut Canceller, timeout: D) -> (T, bool)
@@ -378,23 +437,46 @@ impl<S: ReadIo> Timed<S> {
     }
 
     /// [`Timed::fill`] against a client's rate floor: the wait ends at `per_op` or where the
-    /// client would fall below its floor (then `Err(TooSlow)`); the wait and the bytes are
-    /// recorded in `pace`.
+    /// client would fall below its floor; the wait and the bytes are recorded in `pace`. When
+    /// the floor's wait runs out, the bytes the socket received meanwhile (a TLS record under
+    /// way, which no read returns yet) earn their credit and the read waits on; with none,
+    /// `Err(TooSlow)`.
     pub async fn fill_paced(
         &mut self,
         rb: &mut RecvBuf,
         min_free: usize,
         per_op: Duration,
         pace: &mut Pace,
-    ) -> Result<usize, IoFail> {
-        let now = Instant::now();
-        let (end, bound) = pace.deadline(now, per_op);
+    ) -> Result<usize, IoFail>
+    where
+        S: Wire,
+    {
         let deadlines = self.deadlines.clone();
-        let r = self.fill_until(rb, min_free, deadlines.at(end)).await;
-        pace.record(now.elapsed(), *r.as_ref().unwrap_or(&0));
-        match r {
-            Err(IoFail::Timeout) if bound == Bound::Floor => Err(IoFail::TooSlow),
-            r => r,
+        // Bytes already credited from the socket while this read waited.
+        let mut credited = 0u64;
+        loop {
+            let now = Instant::now();
+            let (end, bound) = pace.deadline(now, per_op);
+            let before = (bound == Bound::Floor).then(|| self.io.wire()).flatten();
+            let r = self.fill_until(rb, min_free, deadlines.at(end)).await;
+            match r {
+                Err(IoFail::Timeout) if bound == Bound::Floor => {
+                    let moved = match (before, self.io.wire()) {
+                        (Some(a), Some(b)) => b.received.saturating_sub(a.received),
+                        _ => 0,
+                    };
+                    pace.record(now.elapsed(), moved as usize);
+                    credited += moved;
+                    if moved == 0 || !pace.has_credit() {
+                        return Err(IoFail::TooSlow);
+                    }
+                }
+                r => {
+                    let n = *r.as_ref().unwrap_or(&0) as u64;
+                    pace.record(now.elapsed(), n.saturating_sub(credited) as usize);
+                    return r;
+                }
+            }
         }
     }
 
@@ -427,30 +509,53 @@ impl<S: WriteIo> Timed<S> {
         end: usize,
         dur: Duration,
     ) -> (Result<(), IoFail>, Vec<u8>) {
-        self.write_range_paced(buf, start, end, dur, None).await
+        self.write_range_inner(buf, start, end, dur, None, |_| None)
+            .await
     }
 
     /// [`Timed::write_range`], with each wait also bounded by the peer's rate floor when a
-    /// `pace` is given (then a peer too slow to take the bytes is `Err(TooSlow)`).
+    /// `pace` is given. When the floor's wait runs out, what the peer acknowledged meanwhile
+    /// earns its credit and the write is tried again (the kernel wakes a blocked writer only
+    /// once a third of the send buffer drained, and a TLS write returns only once all its
+    /// ciphertext is out); with nothing acknowledged, `Err(TooSlow)`.
     pub async fn write_range_paced(
+        &mut self,
+        buf: Vec<u8>,
+        start: usize,
+        end: usize,
+        dur: Duration,
+        pace: Option<&mut Pace>,
+    ) -> (Result<(), IoFail>, Vec<u8>)
+    where
+        S: Wire,
+    {
+        self.write_range_inner(buf, start, end, dur, pace, |s| s.wire())
+            .await
+    }
+
+    async fn write_range_inner(
         &mut self,
         mut buf: Vec<u8>,
         start: usize,
         end: usize,
         dur: Duration,
         mut pace: Option<&mut Pace>,
+        wire: impl Fn(&S) -> Option<WireBytes>,
     ) -> (Result<(), IoFail>, Vec<u8>) {
         let mut pos = start;
+        // Bytes credited from acknowledgements while the current write waited.
+        let mut credited = 0u64;
         while pos < end {
             let slice = Slice::new(buf, pos, end);
-            // Without a pace, one clock read (inside `after`) per write, as before.
-            let (began, until, bound) = match pace.as_deref() {
+            // Without a pace, one clock read per write, as before.
+            let (began, until, bound, before) = match pace.as_deref() {
                 Some(p) => {
                     let now = Instant::now();
                     let (until, bound) = p.deadline(now, dur);
-                    (Some(now), until, bound)
+                    let before = (bound == Bound::Floor).then(|| wire(&self.io)).flatten();
+                    (Some(now), until, bound, before)
                 }
-                None => (None, Instant::now() + dur, Bound::Operation),
+                None => (None, Instant::now() + dur, Bound::Operation, None),
             };
             let canceller = self.canceller.get_or_insert_with(Canceller::new);
             let handle = canceller.handle();
@@ -462,12 +567,26 @@ impl<S: WriteIo> Timed<S> {
             .await;
             buf = slice.into_inner();
             if let (Some(p), Some(t)) = (pace.as_deref_mut(), began) {
-                p.record(t.elapsed(), *res.as_ref().unwrap_or(&0));
+                if res.is_err() && timed_out && bound == Bound::Floor {
+                    let moved = match (before, wire(&self.io)) {
+                        (Some(a), Some(b)) => b.acked.saturating_sub(a.acked),
+                        _ => 0,
+                    };
+                    p.record(t.elapsed(), moved as usize);
+                    credited += moved;
+                    if moved == 0 || !p.has_credit() {
+                        return (Err(IoFail::TooSlow), buf);
+                    }
+                    // The peer is taking bytes: wait on.
+                    continue;
+                }
+                let n = *res.as_ref().unwrap_or(&0) as u64;
+                p.record(t.elapsed(), n.saturating_sub(credited) as usize);
+                credited = credited.saturating_sub(n);
             }
             match res {
                 Ok(0) => return (Err(IoFail::Closed), buf),
                 Ok(n) => pos += n,
-                Err(_) if timed_out && bound == Bound::Floor => return (Err(IoFail::TooSlow), buf),
                 Err(_) if timed_out => return (Err(IoFail::Timeout), buf),
                 Err(e) => return (Err(IoFail::Io(e)), buf),
             }
@@ -489,6 +608,26 @@ impl<S: WriteIo> Timed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_bytes_follow_a_real_socket() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        let w0 = wire_bytes(a.as_raw_fd()).expect("TCP_INFO with byte counts (Linux 4.1+)");
+        a.write_all(&[7u8; 1000]).unwrap();
+        b.write_all(&[9u8; 300]).unwrap();
+        let mut buf = [0u8; 1000];
+        b.read_exact(&mut buf).unwrap();
+        a.read_exact(&mut buf[..300]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let w1 = wire_bytes(a.as_raw_fd()).unwrap();
+        assert_eq!(w1.acked - w0.acked, 1000);
+        assert_eq!(w1.received - w0.received, 300);
+        assert_eq!(wire_bytes(-1), None);
+    }
 
     #[test]
     fn pool_trims_what_a_burst_left_behind() {

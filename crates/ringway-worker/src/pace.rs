@@ -9,6 +9,11 @@
 //! credit runs out (or at the per-operation timeout, or at the total deadline, whichever is
 //! first).
 //!
+//! When a wait runs out, the caller asks the socket what moved meanwhile (`io::wire_bytes`,
+//! `TCP_INFO`) and credits that before giving up: an operation's own result hides progress
+//! (the kernel wakes a blocked writer only once a third of its send buffer drained; a TLS read
+//! returns nothing until a whole record is in).
+//!
 //! So a client may fall behind the floor by at most the grace period, however fast it started
 //! (a lifetime average would let a client that took 4 MiB into kernel buffers at once then
 //! stall for over an hour). Time spent waiting on the upstream is not counted: a server-sent
@@ -85,6 +90,11 @@ impl Pace {
             bound = Bound::Floor;
         }
         (end, bound)
+    }
+
+    /// Whether the client has waiting time left (always, without a floor).
+    pub fn has_credit(&self) -> bool {
+        self.floor.is_none() || self.credit_ns > 0
     }
 
     /// Accounts one wait on the client and the bytes it moved.

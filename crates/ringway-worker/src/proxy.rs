@@ -300,15 +300,20 @@ pub async fn exchange<S: ClientIo>(
         Some(Instant::now() + w.settings.body_total),
     );
     let buffered = if has_body {
-        let r = buffer_body(w, c, req.meta.framing, &mut body_pace).await;
-        if r.is_err() {
-            // The pump below, which counts what it reads, never runs.
-            ex.bytes_in += c.rb.unread().len() as u64;
-        }
-        r
+        buffer_body(
+            w,
+            c,
+            req.meta.framing,
+            target.body_bytes_max,
+            &mut body_pace,
+        )
+        .await
     } else {
         Ok(())
     };
+    // The pump counts the body bytes it moves; when it never ran, what was buffered is
+    // counted where the exchange ends.
+    let mut pumped = false;
 
     // Phase 4 and 5: forward, then read the response head.
     let retryable = w.settings.retry_idempotent && req.method.is_idempotent() && !has_body;
@@ -334,6 +339,7 @@ pub async fn exchange<S: ClientIo>(
                 BodyFraming::Chunked => Encode::Chunked,
                 _ => Encode::Raw,
             };
+            pumped = true;
             let (r, n) = stream::pump(
                 End::new(&mut c.io, Side::Client, w.settings.body_read).paced(&mut body_pace),
                 &mut c.rb,
@@ -393,6 +399,9 @@ pub async fn exchange<S: ClientIo>(
         Err(e) => {
             w.bufs.put(ubuf.buf);
             ex.reason = e.reason();
+            if has_body && !pumped {
+                ex.bytes_in += c.rb.unread().len() as u64;
+            }
             if e.side == Side::Client && matches!(e.kind, ErrorKind::Closed | ErrorKind::Io) {
                 // Nobody left to answer.
                 return abort(w, c, &mut ex, out, e.reason(), 499);
@@ -865,7 +874,11 @@ fn prepare<S: ClientIo>(
                 o.push(b':');
                 ringway_proto::write::push_u64(o, u64::from(port));
             }
-            r.origin_target().write_to(o);
+            // `OPTIONS *` asks about the server, not a resource: the same question there.
+            match r.target {
+                b"*" => o.push(b'/'),
+                _ => r.origin_target().write_to(o),
+            }
         });
         hw.header(b"Content-Length", b"0");
         hw.header(b"X-Request-ID", ex.request_id());
@@ -1234,13 +1247,15 @@ async fn buffer_body<S: ClientIo>(
     w: &Worker,
     c: &mut Client<S>,
     framing: BodyFraming,
+    body_max: u64,
     pace: &mut Pace,
 ) -> Result<(), ProxyError> {
     let limit = w.settings.request_buffer_bytes;
     // Chunked: how far the decoder has read the unread bytes (so a dripping client costs
-    // one decoder pass over its bytes, not one per read).
+    // one decoder pass over its bytes, not one per read), and the body bytes it found.
     let mut dec = ChunkedDecoder::new();
     let mut scanned = 0usize;
+    let mut decoded = 0u64;
     loop {
         let unread = c.rb.unread();
         let enough = match framing {
@@ -1251,6 +1266,11 @@ async fn buffer_body<S: ClientIo>(
                     .decode(&unread[scanned..])
                     .map_err(|_| ProxyError::client(ErrorKind::Protocol))?;
                 scanned += d.consumed;
+                decoded += d.data.map_or(0, |(_, len)| len as u64);
+                if decoded > body_max {
+                    // Refused before any upstream connection is taken.
+                    return Err(ProxyError::client(ErrorKind::BodyTooLarge));
+                }
                 if d.done || unread.len() >= limit {
                     break true;
                 }
@@ -1262,16 +1282,21 @@ async fn buffer_body<S: ClientIo>(
         if enough {
             return Ok(());
         }
-        // Room for the rest of a known length, up to the limit (at least 4 KiB a read).
+        // Room for the rest, up to the limit, grown a step at a time as bytes come (a head
+        // announcing 64 KiB reserves nothing it has not been sent).
         let want = match framing {
             BodyFraming::Length(n) => (n.min(limit as u64) as usize).saturating_sub(unread.len()),
             _ => limit - unread.len(),
         };
-        c.io.fill_paced(&mut c.rb, want.max(4096), w.settings.body_read, pace)
+        let step = want.clamp(4096, BUFFER_READ_BYTES_MAX);
+        c.io.fill_paced(&mut c.rb, step, w.settings.body_read, pace)
             .await
             .map_err(|e| e.on(Side::Client))?;
     }
 }
+
+/// Most buffer space a body read in phase 3b adds at a time.
+const BUFFER_READ_BYTES_MAX: usize = 16 * 1024;
 
 /// Phase 4: a pooled connection to `addr`, or a new one. Returns whether it was reused.
 async fn upstream_conn(

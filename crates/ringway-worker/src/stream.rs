@@ -95,8 +95,8 @@ pub async fn pump<R, W>(
     bufs: &BufPool,
 ) -> (Result<(), ProxyError>, Pumped)
 where
-    R: ReadIo,
-    W: WriteIo,
+    R: ReadIo + crate::io::Wire,
+    W: WriteIo + crate::io::Wire,
 {
     let mut n = Pumped::default();
     // Chunked output is gathered: give it a body-sized buffer, so it leaves in large writes.

@@ -315,6 +315,12 @@ pub async fn handshake(
     r
 }
 
+impl crate::io::Wire for TlsConn {
+    fn wire(&self) -> Option<crate::io::WireBytes> {
+        self.tcp.wire()
+    }
+}
+
 impl ReadIo for TlsConn {
     async fn read_into(
         &mut self,

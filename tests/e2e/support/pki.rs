@@ -125,6 +125,15 @@ impl TlsClient {
     ) -> Result<TlsClient, rustls::Error> {
         let mut tcp = TcpStream::connect(addr).unwrap();
         tcp.write_all(preamble).unwrap();
+        Self::handshake_over(tcp, config, sni)
+    }
+
+    /// Handshakes over a socket the test connected itself (with a small receive buffer, say).
+    pub fn handshake_over(
+        tcp: TcpStream,
+        config: &Arc<rustls::ClientConfig>,
+        sni: &str,
+    ) -> Result<TlsClient, rustls::Error> {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let name = ServerName::try_from(sni.to_string()).unwrap();
         let conn = rustls::ClientConnection::new(config.clone(), name)?;
