@@ -608,13 +608,13 @@ def render_markdown(summary, meta):
         ng, ha = per.get("nginx", {}), per.get("haproxy", {})
         if sc == "9":
             L.append(f"{SLOW_HEADER_CONNS} slow-header clients (a header line every 10 s, never the end of the head) and {SLOW_BODY_CONNS} slow-body clients (2 bytes a second of a 1 MB body) held by `ringway-loadgen slow`, each reopened when the proxy closes it; wrk's keep-alive load as in scenario 1 meanwhile.\n")
-            L.append("| proxy | requests/s | vs its 9a | vs nginx | p50 / p99 ms | errors | client conns held (median) | upstream conns held (median) | slow-header conns closed by the proxy | slow-body conns closed by the proxy |")
-            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            L.append("| proxy | requests/s | vs its 9a | vs nginx | p50 / p99 ms | errors | CPU µs/req | RSS KiB | client conns held (median) | upstream conns held (median) | slow-header conns closed by the proxy | slow-body conns closed by the proxy |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             base = summary.get("9-base", {})
             for pname, r in per.items():
                 vs_base = median([ratio(a.get("rps"), b.get("rps")) for a, b in zip(RESULTS.get("9", {}).get(pname, []), RESULTS.get("9-base", {}).get(pname, []))])
                 L.append(
-                    f"| {pname} | {fmt(r.get('rps'))} | {fmt(vs_base, 2)}x | {fmt(ratio(r.get('rps'), ng.get('rps')), 2)}x | {fmt(r.get('p50_ms'), 3)} / {fmt(r.get('p99_ms'), 3)} | {fmt(r.get('errors'), 0)} | {fmt(r.get('client_conns_held'), 0)} | {fmt(r.get('upstream_conns_held'), 0)} | {fmt(r.get('slow_header_closed_by_proxy'), 0)} | {fmt(r.get('slow_body_closed_by_proxy'), 0)} |"
+                    f"| {pname} | {fmt(r.get('rps'))} | {fmt(vs_base, 2)}x | {fmt(ratio(r.get('rps'), ng.get('rps')), 2)}x | {fmt(r.get('p50_ms'), 3)} / {fmt(r.get('p99_ms'), 3)} | {fmt(r.get('errors'), 0)} | {fmt(r.get('cpu_us_per_req'), 2)} | {fmt(r.get('rss_kib'), 0)} | {fmt(r.get('client_conns_held'), 0)} | {fmt(r.get('upstream_conns_held'), 0)} | {fmt(r.get('slow_header_closed_by_proxy'), 0)} | {fmt(r.get('slow_body_closed_by_proxy'), 0)} |"
                 )
             L.append("")
             continue

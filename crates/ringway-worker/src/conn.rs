@@ -466,7 +466,7 @@ async fn linger<S: ClientIo>(w: &Worker, c: &mut Client<S>) {
 }
 
 /// Waits until the client sends something. False on timeout, shutdown or a socket error.
-async fn idle_wait(w: &Worker, s: &TcpStream, dur: Duration) -> bool {
+pub(crate) async fn idle_wait(w: &Worker, s: &TcpStream, dur: Duration) -> bool {
     if w.shutdown.is_fired() || dur.is_zero() {
         return false;
     }

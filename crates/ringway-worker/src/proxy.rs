@@ -661,8 +661,20 @@ async fn read_head(
             };
         };
         let min_free = 1024.min(w.settings.head.header_bytes_max);
-        match c.io.fill(&mut c.rb, min_free, left).await {
+        // A head that stalls for a hot read waits for the rest without a posted buffer.
+        let hot = w.settings.hot_read;
+        let may_stall = !hot.is_zero() && hot < left && !c.rb.buf.is_empty();
+        match c.io.fill(&mut c.rb, min_free, if may_stall { hot } else { left }).await {
             Ok(_) => {}
+            Err(IoFail::Timeout) if may_stall => {
+                if !stalled_wait(w, c, deadline).await {
+                    return Err(Reject {
+                        status: 408,
+                        reason: "header_timeout",
+                        close: true,
+                    });
+                }
+            }
             Err(IoFail::Timeout) if !c.rb.buf.is_empty() => {
                 return Err(Reject {
                     status: 408,
@@ -682,6 +694,26 @@ async fn read_head(
             }
         }
     }
+}
+
+/// Waits for more of a head that stalled (a slowloris client sends a line every few seconds)
+/// without holding a read buffer, as an idle connection does: the bytes so far move into a
+/// buffer of their own size, the pooled one goes back, and the socket is polled for
+/// readability. A stalled head then costs its bytes and its task, not `limits.buffer_bytes`.
+/// False: the deadline passed, the client closed, or shutdown.
+async fn stalled_wait(w: &Worker, c: &mut Client<impl ClientIo>, deadline: Instant) -> bool {
+    debug_assert_eq!(c.rb.pos, 0, "a head being read is still at the front");
+    if c.io.io.has_buffered() {
+        // TLS bytes above the socket: a readability poll would not see them.
+        return true;
+    }
+    if c.rb.buf.capacity() > c.rb.buf.len() {
+        let kept = c.rb.buf.to_vec();
+        w.bufs.put(std::mem::replace(&mut c.rb.buf, kept));
+    }
+    c.io.release();
+    let left = deadline.saturating_duration_since(Instant::now());
+    crate::conn::idle_wait(w, c.io.io.socket(), left).await
 }
 
 fn head_reason(e: HeadError) -> &'static str {
