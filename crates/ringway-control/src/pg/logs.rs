@@ -9,6 +9,13 @@
 //!   writer, when connected: spool oldest first, then the queue
 //! ```
 //!
+//! The writer takes everything queued at once (one transaction), and what is queued rides
+//! along with each replay transaction: the queue then has room for the rows arriving during
+//! a write, so that a replay under steady traffic ends, instead of everything that arrives
+//! while it writes going to the spool behind it, for ever. A replay transaction that fails
+//! (a timeout, say) is retried with half as many batches, so that one too big to be written
+//! within `write_timeout` is not retried as it is for ever.
+//!
 //! Exactly once: a batch carries an id, and the transaction that copies its rows first
 //! inserts the id into `ringway_log_batches`; a batch whose commit outcome was unknown (the
 //! connection broke) is retried from the spool and skipped if the id is already there.
@@ -227,7 +234,8 @@ struct Writer {
     spool: Arc<Mutex<Spool>>,
     stats: Arc<ControlStats>,
     next_prune: Instant,
-    /// Batches per replay transaction: 1 while isolating a batch the database refuses.
+    /// Batches per replay transaction: halved by a failed one, doubled by a written one,
+    /// 1 while isolating a batch the database refuses.
     replay_width: usize,
     /// Consecutive refusals of the batch at the head of the spool.
     refusals: u32,
@@ -248,7 +256,7 @@ impl Writer {
             // The spool first, oldest first. (Rows land roughly in the order they were made:
             // when the queue is full the drain spools its newest batch ahead of the queued
             // ones. proxy_logs is read by `ts`, not by insertion order.)
-            if self.replay_one().await {
+            if self.replay_one(&mut rx).await {
                 continue;
             }
             if let Ok(mut s) = self.spool.lock() {
@@ -269,15 +277,16 @@ impl Writer {
                 _ = tokio::time::sleep(wait) => continue,
             };
             let Some(b) = b else { break };
+            // Everything queued goes at once: one transaction keeps up with rows arriving
+            // faster than one per transaction would.
+            let mut batches = vec![b];
+            take_queued(&mut rx, &mut batches, REPLAY_BATCHES_MAX);
             if self.spool_empty() && self.connected().await {
-                if !matches!(
-                    self.write(std::slice::from_ref(&b), false).await,
-                    Outcome::Written
-                ) {
-                    spool_batch(&self.spool, &b, &self.stats);
+                if !matches!(self.write(&batches, 0).await, Outcome::Written) {
+                    self.spool_all(&batches);
                 }
             } else {
-                spool_batch(&self.spool, &b, &self.stats);
+                self.spool_all(&batches);
             }
             self.prune().await;
         }
@@ -285,7 +294,7 @@ impl Writer {
         // budget, and leave the rest on disk for the next start.
         let end = Instant::now() + self.cfg.shutdown_flush;
         while !self.spool_empty() && Instant::now() < end {
-            if !self.replay_one().await {
+            if !self.replay_one(&mut rx).await {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -299,8 +308,15 @@ impl Writer {
         self.spool.lock().map(|s| s.is_empty()).unwrap_or(true)
     }
 
-    /// Writes the oldest spooled batch if connected; true if one was written.
-    async fn replay_one(&mut self) -> bool {
+    fn spool_all(&self, batches: &[Batch]) {
+        for b in batches {
+            spool_batch(&self.spool, b, &self.stats);
+        }
+    }
+
+    /// Writes the oldest spooled batches if connected, with what is queued behind them;
+    /// true if they were written (or dropped as refused).
+    async fn replay_one(&mut self, rx: &mut tokio::sync::mpsc::Receiver<Batch>) -> bool {
         if self.spool_empty() || !self.connected().await {
             return false;
         }
@@ -313,7 +329,7 @@ impl Writer {
             }
             Err(_) => return false,
         };
-        let batches = match next {
+        let mut batches = match next {
             Ok(b) if !b.is_empty() => b,
             Ok(_) => return false,
             Err(e) => {
@@ -321,12 +337,28 @@ impl Writer {
                 return false;
             }
         };
-        match self.write(&batches, true).await {
+        let spooled = batches.len();
+        if self.replay_width > 1 {
+            // The queue rides along (not while isolating a refused batch): it has room again
+            // for what arrives during this write, which then need not be spooled.
+            take_queued(rx, &mut batches, self.replay_width);
+        }
+        let outcome = self.write(&batches, spooled).await;
+        if !matches!(outcome, Outcome::Written) {
+            // Taken from the queue, never spooled: behind the spool now.
+            self.spool_all(&batches[spooled..]);
+        }
+        match outcome {
             Outcome::Written => {
-                self.replay_width = REPLAY_BATCHES_MAX;
+                self.replay_width = (self.replay_width * 2).min(REPLAY_BATCHES_MAX);
                 self.refusals = 0;
             }
-            Outcome::Failed => return false,
+            Outcome::Failed => {
+                // Too much to write within write_timeout, maybe: the same batches as they
+                // were could time out for ever.
+                self.replay_width = (batches.len() / 2).max(1);
+                return false;
+            }
             Outcome::Refused if batches.len() > 1 => {
                 // Find the batch at fault: one at a time from here.
                 self.replay_width = 1;
@@ -381,15 +413,16 @@ impl Writer {
         }
     }
 
-    /// Batches in one transaction; on failure the connection is dropped.
-    async fn write(&mut self, batches: &[Batch], replay: bool) -> Outcome {
+    /// Batches in one transaction, the first `spooled` of them replayed from the spool; on
+    /// failure the connection is dropped.
+    async fn write(&mut self, batches: &[Batch], spooled: usize) -> Outcome {
         let Some(conn) = self.conn.as_mut() else {
             return Outcome::Failed;
         };
         let started = std::time::Instant::now();
         let r = tokio::time::timeout(
             self.cfg.write_timeout,
-            write_batches(&mut conn.client, batches),
+            write_batches(&mut conn.client, batches, spooled),
         )
         .await;
         let r = match r {
@@ -410,11 +443,9 @@ impl Writer {
                 self.stats
                     .log_rows_written
                     .fetch_add(w.rows, Ordering::Relaxed);
-                if replay {
-                    self.stats
-                        .log_rows_replayed
-                        .fetch_add(w.rows, Ordering::Relaxed);
-                }
+                self.stats
+                    .log_rows_replayed
+                    .fetch_add(w.replayed_rows, Ordering::Relaxed);
                 Outcome::Written
             }
             Err(e) => {
@@ -451,18 +482,33 @@ impl Writer {
     }
 }
 
+/// Moves queued batches onto `batches`, up to `max` batches in all, or until they hold
+/// `REPLAY_BYTES_MAX` bytes of rows.
+fn take_queued(rx: &mut tokio::sync::mpsc::Receiver<Batch>, batches: &mut Vec<Batch>, max: usize) {
+    let mut bytes: usize = batches.iter().map(|b| b.data.len()).sum();
+    while batches.len() < max && bytes < REPLAY_BYTES_MAX {
+        let Ok(b) = rx.try_recv() else { break };
+        bytes += b.data.len();
+        batches.push(b);
+    }
+}
+
 /// What one transaction wrote.
 struct Written {
     batches: u64,
     duplicates: u64,
     rows: u64,
+    /// Rows of those batches that came from the spool.
+    replayed_rows: u64,
 }
 
 /// The transaction: claim the batch ids, copy the rows of those that were new, commit.
-/// Batches whose id was already there (an earlier attempt landed) are skipped.
+/// Batches whose id was already there (an earlier attempt landed) are skipped. The first
+/// `spooled` batches are replays.
 async fn write_batches(
     client: &mut tokio_postgres::Client,
     batches: &[Batch],
+    spooled: usize,
 ) -> Result<Written, PgError> {
     let tx = client
         .transaction()
@@ -479,11 +525,17 @@ async fn write_batches(
         .await
         .map_err(PgError::query("claiming batch ids"))?;
     let claimed: std::collections::HashSet<String> = claimed.iter().map(|r| r.get(0)).collect();
-    let new: Vec<&Batch> = batches.iter().filter(|b| claimed.contains(&b.id)).collect();
+    let is_new = |b: &&Batch| claimed.contains(&b.id);
+    let new: Vec<&Batch> = batches.iter().filter(is_new).collect();
     let written = Written {
         batches: new.len() as u64,
         duplicates: (batches.len() - new.len()) as u64,
         rows: new.iter().map(|b| u64::from(b.rows)).sum(),
+        replayed_rows: batches[..spooled]
+            .iter()
+            .filter(is_new)
+            .map(|b| u64::from(b.rows))
+            .sum(),
     };
     if new.is_empty() {
         tx.rollback().await.map_err(PgError::query("rollback"))?;

@@ -12,10 +12,10 @@
 //! up to the next one whose checksums hold; the rows lost are the hole in the row sequence
 //! between the whole frames around the damage, counted once (`rows_lost`) whether open, the
 //! writer or the reader finds it first. The writer writes at its own offset and checks the
-//! file's length before each append and at each `tick`: it never appends after bytes it did
-//! not write, and a failed write is cut back to the last whole frame. Replayed batches are skipped by the
-//! database if they already landed (batch ids), so replaying a segment twice duplicates
-//! nothing.
+//! file's length before each append, read and deletion of a read segment, and at each
+//! `tick`: it never appends after bytes it did not write, and a failed write is cut back to
+//! the last whole frame. Replayed batches are skipped by the database if they already landed
+//! (batch ids), so replaying a segment twice duplicates nothing.
 
 mod frame;
 
@@ -195,10 +195,19 @@ struct Faults {
     cut_back_fails: bool,
     #[cfg(test)]
     sync_fails: bool,
+    /// Bytes someone else appends (`O_APPEND`) between the writer's length check and its
+    /// write.
+    #[cfg(test)]
+    append_before_write: Option<&'static [u8]>,
 }
 
 impl Faults {
     fn write_at(&self, f: &File, frame: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(g) = self.append_before_write {
+            // What O_APPEND does: at the end of the file, whatever the writer thinks it is.
+            f.write_all_at(g, f.metadata()?.len())?;
+        }
         #[cfg(test)]
         if let Some(n) = self.write_fails_after_bytes {
             f.write_all_at(&frame[..n.min(frame.len())], offset)?;
@@ -740,6 +749,9 @@ impl Spool {
             self.read.seq = self.read.seq.max(Some(end));
             self.counted.forget_rows_below(end);
         }
+        // Bytes someone else appended to the live segment while the batches were out are
+        // found (and counted) before the segment is deleted as fully read.
+        self.check_tail();
         let Some(seg) = self.segments.front() else {
             return Ok(());
         };
@@ -1069,6 +1081,94 @@ mod tests {
         assert_eq!(drain(&mut s), (1..=10).collect::<Vec<_>>());
         assert_eq!((s.corrupt_frames(), s.rows_lost()), (2, 0), "not twice");
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn garbage_appended_between_the_length_check_and_the_write_costs_no_rows() {
+        // Longer than a frame: the frame lands over its start, the rest follows the frame.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        append_all(&mut s, 1..=3);
+        s.faults.append_before_write = Some(&[0x5a; 2000]);
+        s.append(&batch(4)).unwrap();
+        s.faults = Faults::default();
+        let live = segment_files(dir.path()).remove(0);
+        let ours = (1..=4).map(frame_len).sum::<u64>();
+        let garbage_end = (1..=3).map(frame_len).sum::<u64>() + 2000;
+        assert_eq!(std::fs::metadata(&live).unwrap().len(), garbage_end);
+        // Noticed at the next append, which goes to a new segment.
+        append_all(&mut s, 5..=6);
+        assert_eq!(segment_files(dir.path()).len(), 2);
+        assert_eq!((s.corrupt_frames(), s.rows_lost()), (1, 0));
+        assert_eq!(
+            s.bytes(),
+            garbage_end + frame_len(5) + frame_len(6),
+            "the garbage after our frame waits to be skipped"
+        );
+        assert!(garbage_end > ours);
+        assert_eq!(drain(&mut s), (1..=6).collect::<Vec<_>>());
+        assert_eq!((s.corrupt_frames(), s.rows_lost()), (1, 0), "not twice");
+        assert!(s.is_empty());
+        assert_eq!(segment_files(dir.path()), Vec::<PathBuf>::new());
+
+        // Shorter than the frame: the frame covers all of it; nothing to skip or count.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        append_all(&mut s, 1..=3);
+        s.faults.append_before_write = Some(&[0x5a; 50]);
+        s.append(&batch(4)).unwrap();
+        s.faults = Faults::default();
+        s.tick().unwrap();
+        append_all(&mut s, 5..=6);
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        assert_eq!(drain(&mut s), (1..=6).collect::<Vec<_>>());
+        assert_eq!((s.corrupt_frames(), s.rows_lost()), (0, 0));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn garbage_appended_while_frames_are_peeked_costs_no_rows() {
+        // Behind the last frame, while the replay of the whole live segment is out.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        append_all(&mut s, 1..=4);
+        let some = s.peek_many(10, 1 << 20).unwrap();
+        assert_eq!(some.len(), 4);
+        let live = segment_files(dir.path()).remove(0);
+        OpenOptions::new()
+            .append(true)
+            .open(&live)
+            .unwrap()
+            .write_all(&[0x5a; 3000])
+            .unwrap();
+        s.consume().unwrap();
+        // Found (the segment is checked before it is deleted as read), counted once.
+        assert_eq!((s.corrupt_frames(), s.rows_lost()), (1, 0));
+        append_all(&mut s, 5..=6);
+        assert_eq!(drain(&mut s), [5, 6]);
+        assert_eq!((s.corrupt_frames(), s.rows_lost()), (1, 0));
+        assert!(s.is_empty());
+        assert_eq!(segment_files(dir.path()), Vec::<PathBuf>::new());
+
+        // With frames behind the peeked ones, and appends while the peeked ones are out.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        append_all(&mut s, 1..=4);
+        assert_eq!(s.peek_many(2, 1 << 20).unwrap().len(), 2);
+        let live = segment_files(dir.path()).remove(0);
+        OpenOptions::new()
+            .append(true)
+            .open(&live)
+            .unwrap()
+            .write_all(&[0x5a; 3000])
+            .unwrap();
+        append_all(&mut s, 5..=5);
+        s.consume().unwrap();
+        append_all(&mut s, 6..=6);
+        assert_eq!(drain(&mut s), [3, 4, 5, 6]);
+        assert_eq!((s.corrupt_frames(), s.rows_lost()), (1, 0));
+        assert!(s.is_empty());
+        assert_eq!(segment_files(dir.path()), Vec::<PathBuf>::new());
     }
 
     #[test]
