@@ -664,7 +664,11 @@ async fn read_head(
         // A head that stalls for a hot read waits for the rest without a posted buffer.
         let hot = w.settings.hot_read;
         let may_stall = !hot.is_zero() && hot < left && !c.rb.buf.is_empty();
-        match c.io.fill(&mut c.rb, min_free, if may_stall { hot } else { left }).await {
+        match c
+            .io
+            .fill(&mut c.rb, min_free, if may_stall { hot } else { left })
+            .await
+        {
             Ok(_) => {}
             Err(IoFail::Timeout) if may_stall => {
                 if !stalled_wait(w, c, deadline).await {
