@@ -45,23 +45,29 @@ static A: Counting = Counting;
 /// The counters are process-wide: tests here run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[test]
-fn an_idle_keep_alive_connection_costs_at_most_256_bytes_of_heap() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    const N: usize = 4000;
+/// A one-worker proxy in front of an unrecorded origin, warmed up (pools, buffers, the
+/// upstream connection) and left quiet until its buffer pool is trimmed and hot reads are over.
+fn warm_proxy() -> (Origin, TestProxy) {
     let origin = Origin::start_unrecorded();
     let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
         c.workers.count = 1;
         c.access_log.enabled = false;
     });
-    // Warm up: pools, buffers, the upstream connection.
     let mut warm = Conn::connect(p.addr);
     for _ in 0..50 {
         warm.get("app.test", "/warm");
     }
     drop(warm);
+    std::thread::sleep(Duration::from_millis(1500));
+    (origin, p)
+}
+
+#[test]
+fn an_idle_keep_alive_connection_costs_at_most_256_bytes_of_heap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 4000;
+    let (_origin, p) = warm_proxy();
     let mut conns = Vec::with_capacity(N);
-    std::thread::sleep(Duration::from_millis(1500)); // buffer pool trimmed, hot reads over
     let before = LIVE.load(Ordering::Relaxed);
     for _ in 0..N {
         let mut c = Conn::connect(p.addr);
@@ -105,17 +111,7 @@ fn an_idle_keep_alive_connection_costs_at_most_256_bytes_of_heap() {
 fn a_stalled_request_head_holds_no_read_buffer() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const N: usize = 2000;
-    let origin = Origin::start_unrecorded();
-    let p = TestProxy::start_with(&routes_to(origin.addr), |c| {
-        c.workers.count = 1;
-        c.access_log.enabled = false;
-    });
-    let mut warm = Conn::connect(p.addr);
-    for _ in 0..50 {
-        warm.get("app.test", "/warm");
-    }
-    drop(warm);
-    std::thread::sleep(Duration::from_millis(1500));
+    let (_origin, p) = warm_proxy();
     let before = LIVE.load(Ordering::Relaxed);
     // Slowloris: a request line and one header, then nothing (the head never ends).
     let mut conns = Vec::with_capacity(N);

@@ -78,14 +78,8 @@ fn damage(
     let mut at: Vec<Option<(usize, usize)>> = spans.iter().map(|&s| Some(s)).collect();
     for &op in ops {
         match op {
-            Op::Flip { at: p, mask } if p < file.len() => {
-                file[p] ^= mask;
-                for s in at.iter_mut() {
-                    if s.is_some_and(|(a, b)| a <= p && p < b) {
-                        *s = None;
-                    }
-                }
-            }
+            // Flips are judged at the end, by the bytes (two flips of one byte undo each other).
+            Op::Flip { at: p, mask } if p < file.len() => file[p] ^= mask,
             Op::Cut { at: p } if p < file.len() => {
                 file.truncate(p);
                 for s in at.iter_mut() {
@@ -145,7 +139,14 @@ pub(crate) fn frames(data: &[u8]) {
     let mut file = std::fs::read(&seg).expect("segment");
     assert_eq!(file.len(), spans.last().map_or(0, |s| s.1));
     let ops = ops(rest, file.len());
-    let whole = damage(&mut file, &spans, &ops, &mut rng);
+    let original = file.clone();
+    let mut whole = damage(&mut file, &spans, &ops, &mut rng);
+    // A frame is whole where its bytes still stand, unchanged, in one piece.
+    for (w, &(a0, b0)) in whole.iter_mut().zip(&spans) {
+        if w.is_some_and(|(a, b)| file.get(a..b) != Some(&original[a0..b0])) {
+            *w = None;
+        }
+    }
     std::fs::write(&seg, &file).expect("write back");
 
     let mut s = Spool::open(&dir, 1 << 30).expect("spool reopens");
