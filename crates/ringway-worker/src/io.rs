@@ -437,10 +437,9 @@ impl<S: ReadIo> Timed<S> {
     }
 
     /// [`Timed::fill`] against a client's rate floor: the wait ends at `per_op` or where the
-    /// client would fall below its floor; the wait and the bytes are recorded in `pace`. When
-    /// the floor's wait runs out, the bytes the socket received meanwhile (a TLS record under
-    /// way, which no read returns yet) earn their credit and the read waits on; with none,
-    /// `Err(TooSlow)`.
+    /// client's credit runs out; the wait and the bytes are recorded in `pace`. When the
+    /// credit runs out the client is watched for a probe, judged by what its socket received
+    /// (a TLS record under way returns nothing yet): too slow, `Err(TooSlow)`.
     pub async fn fill_paced(
         &mut self,
         rb: &mut RecvBuf,
@@ -452,30 +451,20 @@ impl<S: ReadIo> Timed<S> {
         S: Wire,
     {
         let deadlines = self.deadlines.clone();
-        // Bytes already credited from the socket while this read waited.
-        let mut credited = 0u64;
         loop {
             let now = Instant::now();
             let (end, bound) = pace.deadline(now, per_op);
-            let before = (bound == Bound::Floor).then(|| self.io.wire()).flatten();
             let r = self.fill_until(rb, min_free, deadlines.at(end)).await;
+            pace.record(now.elapsed(), *r.as_ref().unwrap_or(&0));
             match r {
                 Err(IoFail::Timeout) if bound == Bound::Floor => {
-                    let moved = match (before, self.io.wire()) {
-                        (Some(a), Some(b)) => b.received.saturating_sub(a.received),
-                        _ => 0,
-                    };
-                    pace.record(now.elapsed(), moved as usize);
-                    credited += moved;
-                    if moved == 0 || !pace.has_credit() {
+                    let received = self.io.wire().map(|w| w.received);
+                    if !pace.ran_out(Instant::now(), received) {
                         return Err(IoFail::TooSlow);
                     }
                 }
-                r => {
-                    let n = *r.as_ref().unwrap_or(&0) as u64;
-                    pace.record(now.elapsed(), n.saturating_sub(credited) as usize);
-                    return r;
-                }
+                Err(IoFail::Timeout) if bound == Bound::Total => return Err(IoFail::TooSlow),
+                r => return r,
             }
         }
     }
@@ -543,19 +532,16 @@ impl<S: WriteIo> Timed<S> {
         wire: impl Fn(&S) -> Option<WireBytes>,
     ) -> (Result<(), IoFail>, Vec<u8>) {
         let mut pos = start;
-        // Bytes credited from acknowledgements while the current write waited.
-        let mut credited = 0u64;
         while pos < end {
             let slice = Slice::new(buf, pos, end);
             // Without a pace, one clock read per write, as before.
-            let (began, until, bound, before) = match pace.as_deref() {
+            let (began, until, bound) = match pace.as_deref() {
                 Some(p) => {
                     let now = Instant::now();
                     let (until, bound) = p.deadline(now, dur);
-                    let before = (bound == Bound::Floor).then(|| wire(&self.io)).flatten();
-                    (Some(now), until, bound, before)
+                    (Some(now), until, bound)
                 }
-                None => (None, Instant::now() + dur, Bound::Operation, None),
+                None => (None, Instant::now() + dur, Bound::Operation),
             };
             let canceller = self.canceller.get_or_insert_with(Canceller::new);
             let handle = canceller.handle();
@@ -567,22 +553,21 @@ impl<S: WriteIo> Timed<S> {
             .await;
             buf = slice.into_inner();
             if let (Some(p), Some(t)) = (pace.as_deref_mut(), began) {
-                if res.is_err() && timed_out && bound == Bound::Floor {
-                    let moved = match (before, wire(&self.io)) {
-                        (Some(a), Some(b)) => b.acked.saturating_sub(a.acked),
-                        _ => 0,
-                    };
-                    p.record(t.elapsed(), moved as usize);
-                    credited += moved;
-                    if moved == 0 || !p.has_credit() {
-                        return (Err(IoFail::TooSlow), buf);
+                p.record(t.elapsed(), *res.as_ref().unwrap_or(&0));
+                if res.is_err() && timed_out {
+                    match bound {
+                        Bound::Floor => {
+                            let acked = wire(&self.io).map(|w| w.acked);
+                            if !p.ran_out(Instant::now(), acked) {
+                                return (Err(IoFail::TooSlow), buf);
+                            }
+                            // Watched, or taking bytes: the same write waits on.
+                            continue;
+                        }
+                        Bound::Total => return (Err(IoFail::TooSlow), buf),
+                        Bound::Operation => {}
                     }
-                    // The peer is taking bytes: wait on.
-                    continue;
                 }
-                let n = *res.as_ref().unwrap_or(&0) as u64;
-                p.record(t.elapsed(), n.saturating_sub(credited) as usize);
-                credited = credited.saturating_sub(n);
             }
             match res {
                 Ok(0) => return (Err(IoFail::Closed), buf),
