@@ -141,11 +141,16 @@ pub(crate) fn frames(data: &[u8]) {
     let ops = ops(rest, file.len());
     let original = file.clone();
     let mut whole = damage(&mut file, &spans, &ops, &mut rng);
-    // A frame is whole where its bytes still stand, unchanged, in one piece.
-    for (w, &(a0, b0)) in whole.iter_mut().zip(&spans) {
+    // A frame is whole where its bytes still stand, unchanged, in one piece. One whose bytes
+    // reappear whole elsewhere (junk inserted after its first byte, ending in that same byte)
+    // may come back too: it is neither required nor known lost.
+    let mut maybe = vec![false; spans.len()];
+    for (i, (w, &(a0, b0))) in whole.iter_mut().zip(&spans).enumerate() {
         if w.is_some_and(|(a, b)| file.get(a..b) != Some(&original[a0..b0])) {
             *w = None;
         }
+        let frame = &original[a0..b0];
+        maybe[i] = w.is_none() && file.windows(frame.len()).any(|x| x == frame);
     }
     std::fs::write(&seg, &file).expect("write back");
 
@@ -186,11 +191,13 @@ pub(crate) fn frames(data: &[u8]) {
     let before_last: u64 = batches
         .iter()
         .zip(&whole)
+        .zip(&maybe)
         .take(last_whole.map_or(0, |i| i + 1))
-        .filter(|(_, w)| w.is_none())
-        .map(|(b, _)| u64::from(b.rows))
+        .filter(|((_, w), m)| w.is_none() && !**m)
+        .map(|((b, _), _)| u64::from(b.rows))
         .sum();
     let lost = s.rows_lost();
+
     assert!(
         lost <= damaged,
         "{lost} rows counted lost of {damaged} damaged"
