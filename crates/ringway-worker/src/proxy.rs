@@ -234,7 +234,14 @@ pub async fn exchange<S: ClientIo>(
         Ok(None) => return Next::Close,
         Err(rej) => {
             w.stats.client_errors.inc();
-            return reject(w, c, &mut ex, w.bufs.take(), rej, false).await;
+            let next = reject(w, c, &mut ex, w.bufs.take(), rej, false).await;
+            // A client too slow to finish its head has nothing unread worth draining for
+            // (slowloris clients come by the thousand, and each linger holds a buffer).
+            return if rej.reason == "header_timeout" {
+                Next::Close
+            } else {
+                next
+            };
         }
     };
     ex.bytes_in = head_len as u64;
@@ -633,6 +640,9 @@ async fn read_head(
     ex: &mut Exchange,
 ) -> Result<Option<usize>, Reject> {
     let mut scanner = HeadScanner::new();
+    // The head stalled once: from then on the connection waits for readability without a
+    // buffer before every read (which then completes at once), never in a hot read.
+    let mut stalled = false;
     loop {
         match scanner.scan(&c.rb.buf, &w.settings.head) {
             Ok(Some(n)) => return Ok(Some(n)),
@@ -661,24 +671,23 @@ async fn read_head(
             };
         };
         let min_free = 1024.min(w.settings.head.header_bytes_max);
+        if stalled && !stalled_wait(w, c, deadline).await {
+            return Err(Reject {
+                status: 408,
+                reason: "header_timeout",
+                close: true,
+            });
+        }
         // A head that stalls for a hot read waits for the rest without a posted buffer.
         let hot = w.settings.hot_read;
-        let may_stall = !hot.is_zero() && hot < left && !c.rb.buf.is_empty();
+        let may_stall = !stalled && !hot.is_zero() && hot < left && !c.rb.buf.is_empty();
         match c
             .io
             .fill(&mut c.rb, min_free, if may_stall { hot } else { left })
             .await
         {
             Ok(_) => {}
-            Err(IoFail::Timeout) if may_stall => {
-                if !stalled_wait(w, c, deadline).await {
-                    return Err(Reject {
-                        status: 408,
-                        reason: "header_timeout",
-                        close: true,
-                    });
-                }
-            }
+            Err(IoFail::Timeout) if may_stall => stalled = true,
             Err(IoFail::Timeout) if !c.rb.buf.is_empty() => {
                 return Err(Reject {
                     status: 408,
