@@ -704,6 +704,24 @@ fn cut_and_spool(p: &TestProxy, relay: &Relay, rows: f64) -> Traffic {
     traffic
 }
 
+/// Brings the database back, waits until the spool is replayed, checks the corrupt frames
+/// counted, and returns the metrics then.
+fn replay_all(p: &TestProxy, relay: &Relay, corrupt_frames: f64) -> String {
+    relay.restore();
+    assert!(
+        eventually(SECS, || p.metric_sum("ringway_log_spool_bytes") == 0.0),
+        "{}",
+        p.metrics()
+    );
+    let m = p.metrics();
+    assert_eq!(
+        metric_sum(&m, "ringway_log_spool_corrupt_frames_total"),
+        corrupt_frames,
+        "{m}"
+    );
+    m
+}
+
 /// Damages a spool left on disk: one byte flipped in the body of a frame of the first
 /// segment, one in the header of another, and the last frame of the spool torn (a crash
 /// mid-append). Returns the damaged frames' rows.
@@ -812,18 +830,7 @@ fn damaged_spool_frames_cost_their_rows_only_and_are_counted_at_start() {
     );
     assert_eq!(metric_sum(&m, SPOOL_CORRUPT), lost as f64, "{m}");
     assert!(metric_sum(&m, "ringway_log_spool_bytes") > 0.0);
-    relay.restore();
-    assert!(
-        eventually(SECS, || p.metric_sum("ringway_log_spool_bytes") == 0.0),
-        "{}",
-        p.metrics()
-    );
-    let m = p.metrics();
-    assert_eq!(
-        metric_sum(&m, "ringway_log_spool_corrupt_frames_total"),
-        3.0,
-        "{m}"
-    );
+    let m = replay_all(&p, &relay, 3.0);
     assert_eq!(
         metric_sum(&m, "ringway_log_rows_dropped_total"),
         lost as f64,
@@ -920,18 +927,7 @@ fn a_full_disk_under_the_spool_drops_and_counts_only_what_did_not_fit() {
         .map(|f| f.rows)
         .sum();
     assert_eq!(on_disk as f64, spooled());
-    relay.restore();
-    assert!(
-        eventually(SECS, || p.metric_sum("ringway_log_spool_bytes") == 0.0),
-        "{}",
-        p.metrics()
-    );
-    let m = p.metrics();
-    assert_eq!(
-        metric_sum(&m, "ringway_log_spool_corrupt_frames_total"),
-        0.0,
-        "{m}"
-    );
+    let m = replay_all(&p, &relay, 0.0);
     assert_eq!(
         metric_sum(&m, "ringway_log_rows_dropped_total"),
         metric_sum(&m, write_failed),
