@@ -137,7 +137,7 @@ fn a_stalled_request_head_holds_no_read_buffer() {
     }
     let per_conn = (after - before) as f64 / N as f64;
     eprintln!("proxy heap per stalled request head: {per_conn:.0} bytes");
-    // Its task (the exchange in progress: 7.6 KiB measured) and the head's bytes, not a
+    // Its task (the exchange in progress: 8 KiB measured) and the head's bytes, not a
     // 16 KiB read buffer on top.
     assert!(
         per_conn <= 9000.0,

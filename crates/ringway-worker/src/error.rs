@@ -1,5 +1,5 @@
 //! Errors of one exchange: which side failed, how, and whether the request may be retried; and
-//! the small error pages the proxy answers with.
+//! the reason phrases of the statuses the proxy answers with (the pages: `proxy::answer`).
 
 use std::fmt;
 use std::io;
@@ -166,61 +166,6 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Writes a complete error response (head and body) into `out`: JSON when the client asked for
-/// it, a short HTML page otherwise. Both carry the request id so a user can quote it.
-pub fn write_error_page(
-    out: &mut Vec<u8>,
-    status: u16,
-    request_id: &[u8],
-    json: bool,
-    close: bool,
-    head_only: bool,
-) {
-    let reason = reason_phrase(status);
-    let mut body = Vec::with_capacity(256);
-    if json {
-        body.extend_from_slice(b"{\"status\":");
-        ringway_proto::write::push_u64(&mut body, u64::from(status));
-        body.extend_from_slice(b",\"error\":\"");
-        body.extend_from_slice(reason.as_bytes());
-        body.extend_from_slice(b"\",\"request_id\":\"");
-        body.extend_from_slice(request_id);
-        body.extend_from_slice(b"\"}\n");
-    } else {
-        body.extend_from_slice(b"<!doctype html><html><head><title>");
-        ringway_proto::write::push_u64(&mut body, u64::from(status));
-        body.push(b' ');
-        body.extend_from_slice(reason.as_bytes());
-        body.extend_from_slice(b"</title></head><body><h1>");
-        ringway_proto::write::push_u64(&mut body, u64::from(status));
-        body.push(b' ');
-        body.extend_from_slice(reason.as_bytes());
-        body.extend_from_slice(b"</h1><p>Request ID: <code>");
-        body.extend_from_slice(request_id);
-        body.extend_from_slice(b"</code></p></body></html>\n");
-    }
-    let mut w = ringway_proto::HeadWriter::new(out);
-    w.status_line(status, reason.as_bytes());
-    w.header(
-        b"Content-Type",
-        if json {
-            b"application/json"
-        } else {
-            b"text/html; charset=utf-8"
-        },
-    );
-    w.header_u64(b"Content-Length", body.len() as u64);
-    w.header(b"X-Request-ID", request_id);
-    w.header(b"Cache-Control", b"no-store");
-    if close {
-        w.header(b"Connection", b"close");
-    }
-    w.finish();
-    if !head_only {
-        out.extend_from_slice(&body);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,24 +183,5 @@ mod tests {
         assert_eq!(ProxyError::upstream(ErrorKind::Timeout).status(), 504);
         assert_eq!(ProxyError::client(ErrorKind::Timeout).status(), 408);
         assert_eq!(ProxyError::client(ErrorKind::BodyTooLarge).status(), 413);
-    }
-
-    #[test]
-    fn pages_carry_request_id() {
-        let mut out = Vec::new();
-        write_error_page(&mut out, 502, b"rid-1", true, true, false);
-        let s = String::from_utf8(out).unwrap();
-        assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
-        assert!(s.contains("Connection: close\r\n"));
-        assert!(
-            s.ends_with("{\"status\":502,\"error\":\"Bad Gateway\",\"request_id\":\"rid-1\"}\n")
-        );
-        let (head, body) = s.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("Content-Length: {}", body.len())));
-        let mut out = Vec::new();
-        write_error_page(&mut out, 404, b"rid-2", false, false, false);
-        let s = String::from_utf8(out).unwrap();
-        assert!(s.contains("<code>rid-2</code>"));
-        assert!(!s.contains("Connection: close"));
     }
 }
