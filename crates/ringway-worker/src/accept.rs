@@ -122,12 +122,12 @@ fn count_client(
     w: &Worker,
     peer: SocketAddr,
     proxied: bool,
-) -> Result<Option<crate::worker::ClientKey>, ()> {
+) -> Result<Option<crate::clients::ClientKey>, ()> {
     let max = w.settings.connections_per_client_max;
     if max == 0 || proxied || crate::access::is_trusted(peer.ip(), &w.settings.trusted_proxies) {
         return Ok(None);
     }
-    let key = crate::worker::ClientKey::of(peer.ip());
+    let key = crate::clients::ClientKey::of(peer.ip());
     if w.clients.borrow_mut().admit(key, max) {
         Ok(Some(key))
     } else {

@@ -2,19 +2,11 @@
 //! [`ClientIo`] and compiled for both.
 
 use crate::io::{ReadIo, WriteIo};
-use crate::parking;
+use crate::parking::{self, ParkedTls};
 use crate::tls::{TlsConn, TlsInfo};
 use crate::worker::Worker;
 use monoio::net::TcpStream;
-use rustls::ServerConnection;
 use std::future::Future;
-
-/// TLS state kept while a connection is parked.
-#[derive(Debug)]
-pub struct ParkedTls {
-    pub session: Box<ServerConnection>,
-    pub info: TlsInfo,
-}
 
 /// A client connection's transport.
 pub trait ClientIo: ReadIo + WriteIo + crate::io::Wire + Sized + 'static {

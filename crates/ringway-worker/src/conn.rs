@@ -12,12 +12,14 @@
 //!   and its socket, not a 16 KiB read buffer (see the size test below).
 
 use crate::access;
-use crate::client::{ClientIo, ParkedTls};
+use crate::client::ClientIo;
+use crate::clients::ClientKey;
 use crate::io::{RecvBuf, Timed};
 use crate::parking::Parked;
+use crate::parking::ParkedTls;
 use crate::proxy::{self, Client, Next, Upgraded};
 use crate::tls::TlsConn;
-use crate::worker::{ClientKey, Worker};
+use crate::worker::Worker;
 use monoio::net::TcpStream;
 use std::future::Future;
 use std::net::SocketAddr;

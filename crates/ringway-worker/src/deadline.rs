@@ -242,7 +242,8 @@ impl Deadlines {
         self.inner.borrow_mut().wake_buf = wakers;
     }
 
-    /// Fires every armed deadline now (shutdown).
+    /// Fires every armed deadline now.
+    #[cfg(test)]
     pub fn fire_all(&self) {
         let mut inner = self.inner.borrow_mut();
         let mut wakers = Vec::new();
@@ -259,6 +260,7 @@ impl Deadlines {
     }
 
     /// Deadlines registered and not yet dropped.
+    #[cfg(test)]
     pub fn armed(&self) -> usize {
         self.inner
             .borrow()

@@ -9,7 +9,6 @@ use std::io;
 pub enum Side {
     Client,
     Upstream,
-    Proxy,
 }
 
 /// What went wrong.
@@ -77,7 +76,6 @@ impl ProxyError {
             (Side::Client, _) => 400,
             (Side::Upstream, ErrorKind::Timeout | ErrorKind::ConnectTimeout) => 504,
             (Side::Upstream, _) => 502,
-            (Side::Proxy, _) => 500,
         }
     }
 
@@ -118,7 +116,8 @@ pub enum IoFail {
     TooSlow,
     /// EOF where bytes were expected.
     Closed,
-    Io(io::Error),
+    /// The socket error, for `Debug` in traces.
+    Io(#[allow(dead_code)] io::Error),
 }
 
 impl IoFail {

@@ -88,6 +88,7 @@ impl Class {
 }
 
 impl BufPool {
+    #[cfg(test)]
     pub fn new(buffer_bytes: usize, pool_max: usize) -> Self {
         Self::with_body_buffers(buffer_bytes, buffer_bytes, pool_max)
     }
@@ -126,6 +127,7 @@ impl BufPool {
     }
 
     /// Small buffers waiting in the pool.
+    #[cfg(test)]
     pub fn free_count(&self) -> usize {
         self.small.free.borrow().len()
     }
@@ -383,11 +385,6 @@ impl<S> Timed<S> {
     /// Unwraps the socket (no operation may be in flight).
     pub fn into_inner(self) -> S {
         self.io
-    }
-
-    /// The canceller for a custom timed operation (created on first use).
-    pub fn canceller(&mut self) -> &mut Canceller {
-        self.canceller.get_or_insert_with(Canceller::new)
     }
 }
 

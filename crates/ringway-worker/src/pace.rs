@@ -86,6 +86,7 @@ impl Pace {
     }
 
     /// No floor and no deadline: waits are bounded by their operation timeout alone.
+    #[cfg(test)]
     pub fn unbounded() -> Self {
         Self::new(None, None)
     }

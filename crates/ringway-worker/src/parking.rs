@@ -28,19 +28,26 @@ pub const WAKE_BATCH_MAX: usize = 256;
 /// each kept until its keep-alive deadline.
 pub const DUE_QUEUE_SLACK: usize = 64;
 
+/// TLS state kept while a connection is parked.
+#[derive(Debug)]
+pub struct ParkedTls {
+    pub session: Box<rustls::ServerConnection>,
+    pub info: crate::tls::TlsInfo,
+}
+
 /// What a parked connection keeps.
 #[derive(Debug)]
 pub struct Parked {
     pub stream: std::net::TcpStream,
     pub peer: SocketAddr,
     pub trusted: bool,
-    pub counted: Option<crate::worker::ClientKey>,
+    pub counted: Option<crate::clients::ClientKey>,
     pub served: u64,
     pub accepted: Instant,
     /// The socket is already in the epoll set (disarmed): re-arm with MOD, not ADD.
     pub registered: bool,
     /// The TLS session of an HTTPS connection.
-    pub tls: Option<Box<crate::client::ParkedTls>>,
+    pub tls: Option<Box<ParkedTls>>,
 }
 
 #[derive(Debug)]

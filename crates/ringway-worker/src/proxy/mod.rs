@@ -58,7 +58,7 @@ pub struct Client<S> {
     /// The peer is a trusted proxy (its forwarding headers are believed).
     pub trusted: bool,
     /// The key this connection counts under in the per-client connection limit.
-    pub counted: Option<crate::worker::ClientKey>,
+    pub counted: Option<crate::clients::ClientKey>,
     /// Bytes received and not yet consumed; the current head stays at the front until the
     /// exchange ends (the log record points into it).
     pub rb: RecvBuf,
