@@ -26,6 +26,24 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// Whether bytes are known to be waiting when a busy period starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// A new connection, or one just served: its next request is read with a hot read.
+    Expected,
+    /// The idle wait saw bytes arrive (or TLS holds some): the exchange reads them at once.
+    Waiting,
+}
+
+/// Whether a connection's socket is already in the parking lot's epoll set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    /// Never parked: added when it parks.
+    New,
+    /// Parked before: re-armed.
+    Registered,
+}
+
 /// How a busy period ended.
 enum Busy {
     /// No request within the hot-read time: wait without a buffer.
@@ -64,7 +82,7 @@ pub fn serve(
     let trusted = access::is_trusted(peer.ip(), &w.settings.trusted_proxies);
     let c = client(&w, stream, peer, trusted, counted);
     // A new connection starts busy: its first request is usually already on the way.
-    run(w, c, accepted, 0, false, false)
+    run(w, c, accepted, 0, Arrival::Expected, Registration::New)
 }
 
 /// Serves a connection from a PROXY protocol source (`listen.proxy_protocol_from`): reads
@@ -125,7 +143,7 @@ pub async fn serve_proxied(
         let trusted = access::is_trusted(client_addr.ip(), &w.settings.trusted_proxies);
         let mut c = client(&w, stream, client_addr, trusted, None);
         c.rb.buf = leftover;
-        Box::pin(run(w, c, accepted, 0, false, false)).await;
+        Box::pin(run(w, c, accepted, 0, Arrival::Expected, Registration::New)).await;
     }
 }
 
@@ -179,7 +197,7 @@ async fn serve_tls_with(
         return;
     }
     c.io.release();
-    Box::pin(run(w, c, accepted, 0, false, false)).await;
+    Box::pin(run(w, c, accepted, 0, Arrival::Expected, Registration::New)).await;
 }
 
 /// Continues a parked connection that became readable (or was closed by its client).
@@ -198,10 +216,15 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
         closed(&w, counted);
         return;
     };
+    let registration = if registered {
+        Registration::Registered
+    } else {
+        Registration::New
+    };
     match tls {
         None => {
             let c = client(&w, stream, peer, trusted, counted);
-            Box::pin(run(w, c, accepted, served, true, registered)).await;
+            Box::pin(run(w, c, accepted, served, Arrival::Waiting, registration)).await;
         }
         Some(t) => {
             let ParkedTls { session, info } = *t;
@@ -212,7 +235,7 @@ pub async fn resume(w: Rc<Worker>, p: Parked) {
                 trusted,
                 counted,
             );
-            Box::pin(run(w, c, accepted, served, true, registered)).await;
+            Box::pin(run(w, c, accepted, served, Arrival::Waiting, registration)).await;
         }
     }
 }
@@ -233,11 +256,11 @@ async fn run<S: ClientIo>(
     mut c: Client<S>,
     accepted: Instant,
     mut served: u64,
-    mut readable: bool,
-    registered: bool,
+    mut arrival: Arrival,
+    registration: Registration,
 ) {
     let upgraded = loop {
-        match Box::pin(busy(&w, &mut c, &mut served, accepted, readable)).await {
+        match Box::pin(busy(&w, &mut c, &mut served, accepted, arrival)).await {
             Busy::Quiet => {}
             Busy::Close => break None,
             Busy::Upgrade(u) => break Some(u),
@@ -249,7 +272,7 @@ async fn run<S: ClientIo>(
         c.io.release();
         if c.io.io.has_buffered() {
             // TLS bytes already decrypted or received: no poll would report them.
-            readable = true;
+            arrival = Arrival::Waiting;
             continue;
         }
         // The first request's head is due within the header timeout of the accept; later ones
@@ -279,7 +302,7 @@ async fn run<S: ClientIo>(
                 counted,
                 served,
                 accepted,
-                registered,
+                registered: registration == Registration::Registered,
                 tls,
             };
             match w.parking.park(p, Instant::now() + wait, served == 0) {
@@ -295,7 +318,7 @@ async fn run<S: ClientIo>(
         if !idle_wait(&w, c.io.io.socket(), wait).await {
             break None;
         }
-        readable = true;
+        arrival = Arrival::Waiting;
     };
     tracing::debug!(worker = w.id, peer = %c.peer, served, "closing connection");
     let Client {
@@ -332,7 +355,7 @@ async fn resume_refused(w: Rc<Worker>, p: Parked) {
         None => {
             let c = client(&w, stream, peer, trusted, counted);
             if idle_wait(&w, c.io.io.socket(), wait).await {
-                run(w, c, accepted, served, true, false).await;
+                run(w, c, accepted, served, Arrival::Waiting, Registration::New).await;
             } else {
                 closed(&w, counted);
             }
@@ -347,7 +370,7 @@ async fn resume_refused(w: Rc<Worker>, p: Parked) {
                 counted,
             );
             if idle_wait(&w, c.io.io.socket(), wait).await {
-                run(w, c, accepted, served, true, false).await;
+                run(w, c, accepted, served, Arrival::Waiting, Registration::New).await;
             } else {
                 closed(&w, counted);
             }
@@ -372,13 +395,14 @@ async fn tunnel<S: ClientIo>(w: &Worker, io: S, rb: RecvBuf, u: Box<Upgraded>) -
 pub const HOT_READERS_MAX: usize = 1024;
 
 /// Exchanges until the connection closes, upgrades, or stays quiet for the hot-read time.
-/// `readable`: the idle wait saw bytes arrive, so the first exchange reads them directly.
+/// `arrival`: whether bytes are known to be waiting (then the first exchange reads them
+/// directly).
 async fn busy<S: ClientIo>(
     w: &Worker,
     c: &mut Client<S>,
     served: &mut u64,
     accepted: Instant,
-    mut readable: bool,
+    mut arrival: Arrival,
 ) -> Busy {
     let max = w.settings.requests_per_connection_max;
     loop {
@@ -387,7 +411,9 @@ async fn busy<S: ClientIo>(
         } else {
             Instant::now() + w.settings.header_read
         };
-        if !c.rb.has_unread() && !std::mem::take(&mut readable) {
+        if !c.rb.has_unread()
+            && std::mem::replace(&mut arrival, Arrival::Expected) == Arrival::Expected
+        {
             match hot_read(w, c, deadline).await {
                 Hot::Data => {}
                 Hot::Quiet => return Busy::Quiet,
