@@ -6,6 +6,7 @@
 //! enforced by the types it hands out.
 #![deny(unsafe_code)]
 
+pub mod balance;
 pub mod cidr;
 pub mod config;
 pub mod logring;
