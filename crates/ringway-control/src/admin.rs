@@ -24,6 +24,7 @@ pub struct AdminState {
     pub routes: Arc<RouteTable>,
     pub certs: Arc<CertTable>,
     pub control: Arc<ControlStats>,
+    pub balance: crate::balance::BalanceMetrics,
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState) {
@@ -73,7 +74,9 @@ async fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("/");
     match path {
         "/metrics" => {
-            let body = metrics::render(&state.workers, &state.routes, &state.certs, &state.control);
+            let mut body =
+                metrics::render(&state.workers, &state.routes, &state.certs, &state.control);
+            state.balance.render(&mut body);
             respond(&mut s, 200, "text/plain; version=0.0.4", &body).await
         }
         "/healthz" => respond(&mut s, 200, "text/plain", "ok\n").await,

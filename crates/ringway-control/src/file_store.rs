@@ -39,13 +39,13 @@
 use crate::certs;
 use crate::store::{RouteStore, StoreError, StoreEvent};
 use ringway_core::RouteSet;
+use ringway_core::balance::Cluster;
 use ringway_core::route::{Hsts, Route, normalize_pattern};
 use ringway_core::snapshot::Snapshot;
 use ringway_core::tls::{CertEntry, CertSet};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,8 +53,6 @@ use std::time::Duration;
 
 /// Most routes one file may hold.
 pub const ROUTES_MAX: usize = 2_000_000;
-/// Most upstreams one route may list.
-pub const UPSTREAMS_PER_ROUTE_MAX: usize = 256;
 /// Most certificates one file may name.
 pub const CERTIFICATES_MAX: usize = 100_000;
 /// Most ACME tokens read from the challenge directory, and the largest answer.
@@ -120,7 +118,13 @@ struct RouteEntry {
     name: String,
     #[serde(default)]
     hosts: Vec<String>,
-    upstreams: Vec<String>,
+    upstreams: Vec<crate::balance_spec::UpstreamEntry>,
+    #[serde(default)]
+    balancer: Option<crate::balance_spec::BalancerSection>,
+    #[serde(default)]
+    health_check: Option<crate::balance_spec::HealthSection>,
+    #[serde(default)]
+    outlier: Option<crate::balance_spec::OutlierSection>,
     #[serde(default)]
     project_id: i64,
     #[serde(default)]
@@ -137,16 +141,6 @@ struct RouteEntry {
     hsts_include_subdomains: bool,
     #[serde(default)]
     hsts_preload: bool,
-}
-
-/// Parses an upstream address: `IP:port`, `[v6]:port` or `localhost:port`. Names are not
-/// resolved: the data path must never wait on DNS, and the platform knows its addresses.
-pub fn parse_upstream(s: &str) -> Option<SocketAddr> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Some(a);
-    }
-    let port = s.strip_prefix("localhost:")?.parse::<u16>().ok()?;
-    Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
 }
 
 /// Parses and validates the routes of a routes file.
@@ -200,30 +194,19 @@ pub fn parse_file(text: &str) -> Result<(RouteSet, FileExtras), String> {
         if e.name.is_empty() {
             return Err(format!("{}: empty name", at()));
         }
-        if e.upstreams.is_empty() {
-            return Err(format!("{}: no upstreams", at()));
-        }
-        if e.upstreams.len() > UPSTREAMS_PER_ROUTE_MAX {
-            return Err(format!(
-                "{}: more than {UPSTREAMS_PER_ROUTE_MAX} upstreams",
-                at()
-            ));
-        }
-        let mut ups = Vec::with_capacity(e.upstreams.len());
-        for u in &e.upstreams {
-            ups.push(parse_upstream(u).ok_or_else(|| {
-                format!(
-                    "{}: upstream {u:?} is not IP:port (names are not resolved)",
-                    at()
-                )
-            })?);
-        }
+        let settings = crate::balance_spec::BalanceSettings {
+            balancer: e.balancer.clone(),
+            health_check: e.health_check.clone(),
+            outlier: e.outlier.clone(),
+        };
+        let spec = crate::balance_spec::build(&e.upstreams, &settings)
+            .map_err(|err| format!("{}: {err}", at()))?;
         let route = Arc::new(Route {
             name: e.name.as_str().into(),
             project_id: e.project_id,
             environment_id: e.environment_id,
             deployment_id: e.deployment_id,
-            upstreams: ups.into(),
+            cluster: Arc::new(Cluster::unbound(spec)),
             body_bytes_max: e.body_bytes_max,
             redirect_https: e.redirect_https,
             hsts: e.hsts_max_age_s.map(|max_age_s| Hsts {
@@ -605,7 +588,7 @@ mod tests {
         let set = parse_routes(GOOD).unwrap();
         assert_eq!(set.hosts.len(), 2);
         let app = &set.hosts["app.example.com"];
-        assert_eq!(app.upstreams.len(), 3);
+        assert_eq!(app.cluster.members().len(), 3);
         assert_eq!(app.body_bytes_max, Some(1024));
         assert!(set.hosts.contains_key("*.example.com"));
         assert_eq!(&*set.default.unwrap().name, "fallback");
@@ -619,7 +602,7 @@ mod tests {
                 "no upstreams",
             ),
             (
-                "[[route]]\nname = \"a\"\nhosts = [\"a.com\"]\nupstreams = [\"example.org:80\"]\n",
+                "[[route]]\nname = \"a\"\nhosts = [\"a.com\"]\nupstreams = [\"example.org\"]\n",
                 "not IP:port",
             ),
             (

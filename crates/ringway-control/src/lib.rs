@@ -12,7 +12,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
+pub mod balance_spec;
 pub mod certs;
+pub mod dns;
 pub mod file_store;
 pub mod logsink;
 pub mod metrics;
@@ -67,6 +70,8 @@ pub struct ControlParams {
     pub acme: Arc<AcmeTable>,
     pub policies: Arc<ringway_core::policy::PolicyTable>,
     pub limiter: Arc<ringway_core::policy::RateLimiter>,
+    /// Binds routes to endpoints (already used for the initial routes).
+    pub binder: balance::Binder,
     pub rings: Vec<LogConsumer>,
     pub worker_stats: Vec<Arc<WorkerStats>>,
     pub shutdown: Arc<Shutdown>,
@@ -202,19 +207,27 @@ pub use ringway_core::snapshot::Tables;
 async fn follow_store(
     mut store: impl RouteStore,
     tables: Tables,
+    mut binder: balance::Binder,
     stats: Arc<ControlStats>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let routes = tables.routes.clone();
+    let mut maintenance = tokio::time::interval(balance::MAINTENANCE_INTERVAL);
+    maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             n = store.next() => n,
+            _ = maintenance.tick() => {
+                binder.maintain(&routes).await;
+                continue;
+            }
             _ = &mut stop => break,
         };
         match next {
             Ok(ev) => {
                 match ev {
-                    StoreEvent::Full(snap) => {
+                    StoreEvent::Full(mut snap) => {
+                        snap.routes = binder.bind_set(&snap.routes);
                         tables.apply(&snap);
                         stats.note_refusals(&snap.certs.refused);
                         tracing::info!(
@@ -227,9 +240,14 @@ async fn follow_store(
                             "routes loaded"
                         );
                     }
-                    StoreEvent::Upsert(pattern, route) => routes.upsert(&pattern, route),
-                    StoreEvent::Remove(pattern) => routes.remove(&pattern),
-                    StoreEvent::Changes(ch) => apply_changes(&tables, ch, &stats),
+                    StoreEvent::Upsert(pattern, route) => {
+                        routes.upsert(&pattern, binder.bind_one(&pattern, &route));
+                    }
+                    StoreEvent::Remove(pattern) => {
+                        binder.removed(&pattern);
+                        routes.remove(&pattern);
+                    }
+                    StoreEvent::Changes(ch) => apply_changes(&tables, &mut binder, ch, &stats),
                 }
                 stats.serving_from_snapshot.store(0, Ordering::Relaxed);
                 ControlStats::inc(&stats.route_loads_ok);
@@ -247,11 +265,19 @@ async fn follow_store(
 }
 
 /// Applies an incremental change set: routes, then certificates, then ACME tokens.
-fn apply_changes(tables: &Tables, ch: store::ChangeSet, stats: &ControlStats) {
+fn apply_changes(
+    tables: &Tables,
+    binder: &mut balance::Binder,
+    ch: store::ChangeSet,
+    stats: &ControlStats,
+) {
     for (pattern, route) in ch.route_upserts {
-        tables.routes.upsert(&pattern, route);
+        tables
+            .routes
+            .upsert(&pattern, binder.bind_one(&pattern, &route));
     }
     for pattern in &ch.route_removes {
+        binder.removed(pattern);
         tables.routes.remove(pattern);
     }
     for (names, entry) in ch.cert_upserts {
@@ -304,7 +330,15 @@ async fn run(
         acme: p.acme.clone(),
         policies: p.policies.clone(),
         limiter: p.limiter.clone(),
+        registry: p.binder.registry.clone(),
+        route_stats: p.binder.route_stats.clone(),
     };
+    let balance_view = balance::BalanceMetrics {
+        registry: p.binder.registry.clone(),
+        route_stats: p.binder.route_stats.clone(),
+        view: p.binder.view.clone(),
+    };
+    let binder = p.binder;
     let (store_stop, store_stop_rx) = tokio::sync::oneshot::channel();
     let store_task = match p.store {
         StoreChoice::File {
@@ -314,14 +348,26 @@ async fn run(
         } => {
             let store =
                 file_store::FileStore::new(path, poll, initial.as_ref().map(|(s, h)| (s, *h)));
-            tokio::spawn(follow_store(store, tables, stats.clone(), store_stop_rx))
+            tokio::spawn(follow_store(
+                store,
+                tables,
+                binder,
+                stats.clone(),
+                store_stop_rx,
+            ))
         }
         StoreChoice::Postgres { config, seed } => {
             let mut store = pg::store::PgStore::new(config, stats.clone());
             if let Some(l) = &seed {
                 store.seed(l);
             }
-            tokio::spawn(follow_store(store, tables, stats.clone(), store_stop_rx))
+            tokio::spawn(follow_store(
+                store,
+                tables,
+                binder,
+                stats.clone(),
+                store_stop_rx,
+            ))
         }
     };
     let mut db_logs = match (p.pg_logs, spool) {
@@ -343,6 +389,7 @@ async fn run(
                         routes: p.routes.clone(),
                         certs: p.certs.clone(),
                         control: stats.clone(),
+                        balance: balance_view,
                     },
                 ));
             }

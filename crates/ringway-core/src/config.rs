@@ -48,6 +48,49 @@ pub struct Config {
     pub tls: TlsConfig,
     pub postgres: PostgresConfig,
     pub policy: PolicyConfig,
+    pub balancer: BalancerConfig,
+    pub dns: DnsConfig,
+}
+
+/// Sizes of the load balancer's shared tables (per-route settings are in the route store).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancerConfig {
+    /// Distinct upstream endpoints (addresses) tracked for health and load; past it new
+    /// endpoints are served untracked (no ejection, no health checks) and counted.
+    pub endpoints_max: usize,
+    /// Routes with their own series in /metrics; the rest count as route="_other".
+    pub route_series_max: usize,
+    /// Upstream names are resolved again this often.
+    pub dns_refresh_ms: u64,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            endpoints_max: crate::balance::registry::ENDPOINTS_DEFAULT,
+            route_series_max: crate::balance::stats::ROUTE_SERIES_DEFAULT,
+            dns_refresh_ms: 30_000,
+        }
+    }
+}
+
+/// How upstream names are resolved.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// DNS servers asked directly (UDP, A and AAAA) in order; empty: the system resolver.
+    pub servers: Vec<SocketAddr>,
+    pub timeout_ms: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            timeout_ms: 2_000,
+        }
+    }
 }
 
 /// Which monoio driver the workers run on.
@@ -626,6 +669,35 @@ fn range<T: PartialOrd + ToString>(
 impl Config {
     /// Checks what serde cannot: ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.balancer;
+        range(
+            "balancer.endpoints_max",
+            b.endpoints_max,
+            16,
+            1 << 20,
+            "16 to 1048576",
+        )?;
+        range(
+            "balancer.route_series_max",
+            b.route_series_max,
+            0,
+            100_000,
+            "0 to 100000",
+        )?;
+        range(
+            "balancer.dns_refresh_ms",
+            b.dns_refresh_ms,
+            1_000,
+            86_400_000,
+            "1 s to 1 day",
+        )?;
+        range(
+            "dns.timeout_ms",
+            self.dns.timeout_ms,
+            10,
+            60_000,
+            "10 ms to 60 s",
+        )?;
         let l = &self.limits;
         range(
             "limits.request_line_bytes_max",

@@ -6,9 +6,9 @@
 //! them. Each key is swapped atomically; a reload that changes many keys becomes visible key
 //! by key, never as a torn route.
 
+use crate::balance::Cluster;
 use foldhash::fast::RandomState;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -23,8 +23,9 @@ pub struct Route {
     pub project_id: i64,
     pub environment_id: i64,
     pub deployment_id: i64,
-    /// Upstream addresses; a worker picks one per request. Never empty.
-    pub upstreams: Box<[SocketAddr]>,
+    /// The upstreams, their endpoints and how one is chosen (bound to endpoint slots by the
+    /// control thread before the workers see the route).
+    pub cluster: Arc<Cluster>,
     /// Largest request body for this route; None: `limits.body_bytes_max`.
     pub body_bytes_max: Option<u64>,
     /// Answer plain HTTP requests with a redirect to HTTPS (308 for methods other than GET
@@ -230,6 +231,21 @@ impl RouteTable {
         self.version.fetch_add(1, Ordering::Release);
     }
 
+    /// Calls `f` with every pattern (the default route as `""`) and its route. Control
+    /// thread only: it pins both maps for the whole walk.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &Arc<Route>)) {
+        for (k, r) in self.exact.pin().iter() {
+            f(k, r);
+        }
+        let mut key = String::new();
+        for (k, r) in self.wildcard.pin().iter() {
+            key.clear();
+            key.push('*');
+            key.push_str(k);
+            f(&key, r);
+        }
+    }
+
     /// Number of host patterns (default route included).
     pub fn len(&self) -> usize {
         self.exact.len() + self.wildcard.len()
@@ -260,7 +276,9 @@ mod tests {
             project_id: 1,
             environment_id: 2,
             deployment_id: 3,
-            upstreams: vec!["127.0.0.1:1".parse().unwrap()].into(),
+            cluster: Arc::new(Cluster::unbound(crate::balance::ClusterSpec::of_addrs(&[
+                "127.0.0.1:1".parse().unwrap(),
+            ]))),
             body_bytes_max: None,
             redirect_https: false,
             hsts: None,
@@ -373,7 +391,7 @@ mod tests {
                 let mut seen = 0u64;
                 for _ in 0..200_000 {
                     let n = t.with_route("a.com", |r| {
-                        assert_eq!(r.upstreams.len(), 1);
+                        assert_eq!(r.cluster.members().len(), 1);
                         r.name.len()
                     });
                     seen += n.unwrap_or(0) as u64;

@@ -1,5 +1,7 @@
 //! Everything a store publishes in one go.
 
+use crate::balance::Registry;
+use crate::balance::stats::RouteStats;
 use crate::policy::{PolicySet, PolicyTable, RateLimiter};
 use crate::route::{RouteSet, RouteTable};
 use crate::tls::{AcmeTable, CertSet, CertTable};
@@ -26,6 +28,11 @@ pub struct Tables {
     pub policies: Arc<PolicyTable>,
     /// Rate-limit state shared by every worker (not filled by stores).
     pub limiter: Arc<RateLimiter>,
+    /// Endpoint health and load, shared by every worker (slots assigned by the control
+    /// thread as it binds routes).
+    pub registry: Arc<Registry>,
+    /// Per-route counters (slots assigned with the routes).
+    pub route_stats: Arc<RouteStats>,
 }
 
 impl Tables {

@@ -53,6 +53,12 @@ impl Ids {
         if self.active { &self.session } else { &[] }
     }
 
+    /// Adds a `Set-Cookie` of the proxy's own (the sticky endpoint cookie); dropped if the
+    /// lines are full.
+    pub fn push_set_cookie(&mut self, value: &[u8]) {
+        self.push_line(&[value]);
+    }
+
     fn push_line(&mut self, parts: &[&[u8]]) {
         let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 14;
         if self.set_cookie_len + len > SET_COOKIE_BYTES_MAX {

@@ -1,22 +1,61 @@
-//! Routing phase: the request's host to an upstream address.
+//! Routing phase: the request's host to a route, and the route's choice of endpoint.
 //!
 //! The route is read under a papaya pin and the few values the exchange needs are copied out,
 //! so no reference count is touched (an `Arc` clone per request would bounce a cache line
-//! between cores) and no pin is held across I/O.
+//! between cores) and no pin is held across I/O. A retry looks the route up again
+//! ([`choose_again`]): it may have changed in between, and only failures pay for it.
 
 use ringway_core::RouteTable;
+use ringway_core::balance::hash::{mix, stable_hash};
+use ringway_core::balance::spec::{HashKey, Statuses5xx};
+use ringway_core::balance::stats::RouteStats;
+use ringway_core::balance::{Ask, Chosen, EndpointRef, FailKind, Registry, Unavailable};
 use ringway_core::record::RouteIds;
-use ringway_core::route::{HOST_BYTES_MAX, Hsts, normalize_host};
-use std::net::SocketAddr;
+use ringway_core::route::{HOST_BYTES_MAX, Hsts, Route, normalize_host};
+use ringway_proto::Request;
+use std::net::{IpAddr, SocketAddr};
+
+/// Cookie headers of one request looked at for the hash key and the sticky cookie.
+const COOKIE_HEADERS_MAX: usize = 8;
 
 /// What the exchange needs from the matched route.
 #[derive(Debug, Clone, Copy)]
 pub struct Target {
     pub ids: RouteIds,
-    pub upstream: SocketAddr,
+    /// The endpoint of the current attempt, or why there is none (503).
+    pub pick: Result<Chosen, Unavailable>,
     pub body_bytes_max: u64,
     pub redirect_https: bool,
     pub hsts: Option<Hsts>,
+    /// The request's hash key (for the choice of a retry).
+    pub key: u64,
+    pub retries_max: u8,
+    /// Bound on one attempt's wait for the response head, in milliseconds (0: the default).
+    pub per_try_ms: u32,
+    /// Responses that count as endpoint failures.
+    pub failure_statuses: Statuses5xx,
+    /// The route's statistics slot.
+    pub stats: u32,
+}
+
+impl Target {
+    /// The endpoint of the current attempt (None: no endpoint could be chosen).
+    pub fn upstream(&self) -> Option<SocketAddr> {
+        self.pick.ok().map(|c| c.addr)
+    }
+
+    pub fn endpoint(&self) -> EndpointRef {
+        self.pick.map_or(EndpointRef::UNTRACKED, |c| c.endpoint)
+    }
+}
+
+/// What a choice needs from the worker and the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Chooser<'a> {
+    pub registry: &'a Registry,
+    pub worker: usize,
+    pub rand: u64,
+    pub seq: u64,
 }
 
 /// A normalised host kept on the stack for routing and logging.
@@ -52,30 +91,217 @@ impl HostName {
     }
 }
 
-/// Looks up `host`; `pick` chooses among several upstreams (round robin per worker).
+/// Looks up `host` and chooses an endpoint for the request `r` from `client_ip`.
 pub fn resolve(
     table: &RouteTable,
     host: &HostName,
-    pick: u64,
+    r: &Request<'_, '_>,
+    client_ip: IpAddr,
+    ch: &Chooser<'_>,
     default_body_max: u64,
 ) -> Option<Target> {
-    table.with_route(host.as_str(), |r| {
-        debug_assert!(
-            !r.upstreams.is_empty(),
-            "stores never publish a route without upstreams"
-        );
-        let n = r.upstreams.len().max(1) as u64;
-        let upstream = r.upstreams.get((pick % n) as usize).copied()?;
-        Some(Target {
+    table.with_route(host.as_str(), |route| {
+        let c = &route.cluster;
+        let spec = &c.spec;
+        let mut cookies: [&[u8]; COOKIE_HEADERS_MAX] = [b""; COOKIE_HEADERS_MAX];
+        let mut n = 0;
+        for h in r
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+        {
+            if n < COOKIE_HEADERS_MAX {
+                cookies[n] = h.value;
+                n += 1;
+            }
+        }
+        let cookies = &cookies[..n];
+        let key = match &spec.strategy {
+            ringway_core::balance::Strategy::Hash(k) => hash_key(k, r, cookies, client_ip),
+            _ => 0,
+        };
+        let sticky = spec.sticky.as_ref().and_then(|s| {
+            let v = crate::policy::cookie(cookies, s.cookie.as_bytes())?;
+            parse_hex_u64(v)
+        });
+        let now_ms = ch.registry.now_ms();
+        c.note_request(ch.worker, now_ms);
+        let ask = Ask {
+            worker: ch.worker,
+            now_ms,
+            rand: ch.rand,
+            seq: ch.seq,
+            key,
+            sticky,
+            tried: &[],
+        };
+        Target {
             ids: RouteIds {
-                project_id: r.project_id,
-                environment_id: r.environment_id,
-                deployment_id: r.deployment_id,
+                project_id: route.project_id,
+                environment_id: route.environment_id,
+                deployment_id: route.deployment_id,
             },
-            upstream,
-            body_bytes_max: r.body_bytes_max.unwrap_or(default_body_max),
-            redirect_https: r.redirect_https,
-            hsts: r.hsts,
+            pick: c.choose(ch.registry, &ask),
+            body_bytes_max: route.body_bytes_max.unwrap_or(default_body_max),
+            redirect_https: route.redirect_https,
+            hsts: route.hsts,
+            key,
+            retries_max: spec.retry.retries_max,
+            per_try_ms: spec.retry.per_try_timeout_ms.unwrap_or(0),
+            failure_statuses: spec.outlier.failure_statuses,
+            stats: c.stats,
+        }
+    })
+}
+
+/// The request's hash key; an absent header or cookie falls back to the client address.
+fn hash_key(k: &HashKey, r: &Request<'_, '_>, cookies: &[&[u8]], ip: IpAddr) -> u64 {
+    let ip_hash = || match ip {
+        IpAddr::V4(a) => mix(u64::from(u32::from(a))),
+        IpAddr::V6(a) => mix((u128::from(a) as u64) ^ ((u128::from(a) >> 64) as u64)),
+    };
+    match k {
+        HashKey::ClientIp => ip_hash(),
+        HashKey::Path => stable_hash(r.path()),
+        HashKey::Header(name) => r.header(name).map_or_else(ip_hash, stable_hash),
+        HashKey::Cookie(name) => {
+            crate::policy::cookie(cookies, name.as_bytes()).map_or_else(ip_hash, stable_hash)
+        }
+    }
+}
+
+/// The sticky cookie's value: 16 hex digits.
+pub fn parse_hex_u64(v: &[u8]) -> Option<u64> {
+    if v.len() != 16 {
+        return None;
+    }
+    let s = std::str::from_utf8(v).ok()?;
+    u64::from_str_radix(s, 16).ok()
+}
+
+/// What a failed attempt reports, and whether another endpoint is wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed<'a> {
+    pub kind: Option<FailKind>,
+    /// Another endpoint may be tried (the request can be sent again).
+    pub retry: bool,
+    pub tried: &'a [SocketAddr],
+}
+
+/// What [`choose_again`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Again {
+    /// Retry on this endpoint.
+    Retry(Chosen),
+    /// No retry: not wanted, the budget refused it, or no endpoint is left.
+    Stop { refused: bool },
+}
+
+/// After a failed attempt on `target`'s endpoint: the failure reported (an endpoint past the
+/// outlier threshold ejected, if the route's ejected share allows), and, if a retry is
+/// wanted and the retry budget allows it, another endpoint chosen.
+pub fn choose_again(
+    table: &RouteTable,
+    stats: &RouteStats,
+    host: &HostName,
+    target: &Target,
+    f: Failed<'_>,
+    ch: &Chooser<'_>,
+) -> Again {
+    let r = table.with_route(host.as_str(), |route| again(route, stats, target, f, ch));
+    r.unwrap_or(Again::Stop { refused: false })
+}
+
+fn again(route: &Route, stats: &RouteStats, t: &Target, f: Failed<'_>, ch: &Chooser<'_>) -> Again {
+    let c = &route.cluster;
+    let reg = ch.registry;
+    let now_ms = reg.now_ms();
+    let e = t.endpoint();
+    if let Some(kind) = f.kind {
+        stats.record(
+            ch.worker,
+            t.stats,
+            ringway_core::balance::stats::RouteEvent::Failure(kind),
+        );
+        if reg.failure(ch.worker, e, kind, &c.spec.outlier, now_ms) && c.may_eject(reg, e, now_ms) {
+            reg.eject(e, &c.spec.outlier, now_ms);
+        }
+    }
+    if !f.retry || f.tried.len() > usize::from(t.retries_max) {
+        return Again::Stop { refused: false };
+    }
+    let ask = Ask {
+        worker: ch.worker,
+        now_ms,
+        rand: ch.rand,
+        seq: ch.seq,
+        key: t.key,
+        sticky: None,
+        tried: f.tried,
+    };
+    let Ok(next) = c.choose(reg, &ask) else {
+        return Again::Stop { refused: false };
+    };
+    if !c.allow_retry(ch.worker, now_ms) {
+        return Again::Stop { refused: true };
+    }
+    Again::Retry(next)
+}
+
+/// After a response head: the endpoint's success (or a failure status) reported.
+pub fn report_response(
+    table: &RouteTable,
+    host: &HostName,
+    target: &Target,
+    status: u16,
+    latency_us: u64,
+    ch: &Chooser<'_>,
+) {
+    let e = target.endpoint();
+    if !target.failure_statuses.contains(status) {
+        ch.registry
+            .success(ch.worker, e, (status / 100) as u8, latency_us);
+        return;
+    }
+    table.with_route(host.as_str(), |route| {
+        let c = &route.cluster;
+        let now_ms = ch.registry.now_ms();
+        if ch
+            .registry
+            .failure(ch.worker, e, FailKind::Status, &c.spec.outlier, now_ms)
+            && c.may_eject(ch.registry, e, now_ms)
+        {
+            ch.registry.eject(e, &c.spec.outlier, now_ms);
+        }
+    });
+}
+
+/// The sticky cookie naming `id`, as a `Set-Cookie` value's parts, if the route has one.
+pub fn sticky_cookie(
+    table: &RouteTable,
+    host: &HostName,
+    id: u64,
+    tls: bool,
+    out: &mut Vec<u8>,
+) -> bool {
+    table
+        .with_route(host.as_str(), |route| {
+            let Some(s) = &route.cluster.spec.sticky else {
+                return false;
+            };
+            out.extend_from_slice(s.cookie.as_bytes());
+            out.push(b'=');
+            let hex = format!("{id:016x}");
+            out.extend_from_slice(hex.as_bytes());
+            out.extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax");
+            if let Some(age) = s.max_age_s {
+                out.extend_from_slice(b"; Max-Age=");
+                ringway_proto::write::push_u64(out, u64::from(age));
+            }
+            if tls {
+                out.extend_from_slice(b"; Secure");
+            }
+            true
         })
-    })?
+        .unwrap_or(false)
 }

@@ -66,6 +66,8 @@ pub struct WorkerSpec {
     pub routes: Arc<RouteTable>,
     pub policies: Arc<ringway_core::policy::PolicyTable>,
     pub limiter: Arc<ringway_core::policy::RateLimiter>,
+    pub registry: Arc<ringway_core::balance::Registry>,
+    pub route_stats: Arc<ringway_core::balance::stats::RouteStats>,
     pub stats: Arc<WorkerStats>,
     pub log: Option<LogProducer>,
     pub shutdown: Arc<Shutdown>,
@@ -347,6 +349,8 @@ async fn worker_main(spec: WorkerSpec) {
         routes,
         policies,
         limiter,
+        registry,
+        route_stats,
         stats,
         log,
         shutdown,
@@ -385,6 +389,8 @@ async fn worker_main(spec: WorkerSpec) {
         acme,
         policies,
         limiter,
+        registry,
+        route_stats,
     };
     let w = Rc::new(Worker::new(id, settings, tables, stats, log, parking, tls));
     if w.settings.park_idle {

@@ -28,8 +28,12 @@ pub struct Worker {
     pub pool: RefCell<Pool<Timed<TcpStream>>>,
     pub bufs: BufPool,
     pub ids: RefCell<RequestIdGen>,
-    /// Round-robin position for routes with several upstreams.
-    pub rr: Cell<u64>,
+    /// Requests routed by this worker (round robin when a cluster has no worker slots).
+    pub seq: Cell<u64>,
+    /// Endpoint health and load, shared by every worker.
+    pub registry: Arc<ringway_core::balance::Registry>,
+    /// Per-route counters.
+    pub route_stats: Arc<ringway_core::balance::stats::RouteStats>,
     /// Fired once when the process shuts down.
     pub shutdown: LocalEvent,
     /// Signalled when a connection closes, for an accept loop paused at the connection cap.
@@ -70,6 +74,8 @@ impl Worker {
             acme,
             policies,
             limiter,
+            registry,
+            route_stats,
         } = tables;
         let pool = Pool::new(
             settings.idle_per_upstream_max,
@@ -89,7 +95,9 @@ impl Worker {
             pool: RefCell::new(pool),
             bufs,
             ids: RefCell::new(RequestIdGen::new(id)),
-            rr: Cell::new(id as u64),
+            seq: Cell::new(0),
+            registry,
+            route_stats,
             shutdown: LocalEvent::default(),
             slot_freed: LocalSignal::default(),
             active: Cell::new(0),
@@ -125,9 +133,20 @@ impl Worker {
         ((t >> 64) as u64) ^ (t as u64)
     }
 
-    pub fn next_pick(&self) -> u64 {
-        let v = self.rr.get().wrapping_add(1);
-        self.rr.set(v);
-        v
+    /// What a choice of endpoint needs from this worker (fresh random bits each time).
+    pub fn chooser(&self) -> crate::route::Chooser<'_> {
+        let seq = self.seq.get().wrapping_add(1);
+        self.seq.set(seq);
+        crate::route::Chooser {
+            registry: &self.registry,
+            worker: self.id,
+            rand: self.random_u64(),
+            seq,
+        }
+    }
+
+    /// Records a route event in this worker's row.
+    pub fn route_event(&self, slot: u32, ev: ringway_core::balance::stats::RouteEvent) {
+        self.route_stats.record(self.id, slot, ev);
     }
 }

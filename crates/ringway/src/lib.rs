@@ -9,6 +9,7 @@ use ringway_control::pg::store::PgStoreConfig;
 use ringway_control::{ControlHandle, ControlParams, StoreChoice};
 use ringway_core::config::Config;
 use ringway_core::config::StoreKind;
+use ringway_core::snapshot::Snapshot;
 use ringway_core::tls::{AcmeTable, CertTable};
 use ringway_core::{Driver, RouteTable, Shutdown, WorkerStats, log_ring};
 use ringway_worker::{Settings, TlsSetup, WorkerSpec, Workers};
@@ -146,6 +147,20 @@ impl Drop for Running {
 /// Starts the proxy. `base` resolves relative paths of the config (its folder).
 pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Running> {
     config.validate()?;
+    let cores = ringway_worker::plan_cores(&config.workers);
+    let n = cores.len();
+    let mut binder = ringway_control::balance::Binder::new(
+        ringway_control::balance::BalanceLimits {
+            endpoints_max: config.balancer.endpoints_max,
+            route_series_max: config.balancer.route_series_max,
+            dns_refresh: Duration::from_millis(config.balancer.dns_refresh_ms),
+        },
+        n,
+        ringway_control::dns::Resolver {
+            servers: config.dns.servers.clone(),
+            timeout: Duration::from_millis(config.dns.timeout_ms),
+        },
+    );
     let tables = ringway_control::Tables {
         routes: Arc::new(RouteTable::new()),
         certs: Arc::new(CertTable::new()),
@@ -154,6 +169,19 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         limiter: Arc::new(ringway_core::policy::RateLimiter::new(
             config.policy.rate_limit_keys_max,
         )),
+        registry: binder.registry.clone(),
+        route_stats: binder.route_stats.clone(),
+    };
+    // The initial routes bound to endpoints before any worker sees them; names are resolved
+    // at once (blocking: nothing serves yet) when the system resolver is used, else by the
+    // control thread's first maintenance step.
+    let mut bind_initial = |snap: &Snapshot| -> Snapshot {
+        let mut bound = snap.clone();
+        bound.routes = binder.bind_set(&snap.routes);
+        if config.dns.servers.is_empty() {
+            bound.routes = binder.resolve_now_blocking(&snap.routes);
+        }
+        bound
     };
     let store = match config.routes.store {
         StoreKind::File => {
@@ -161,7 +189,7 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
             let (initial, routes_hash) =
                 ringway_control::file_store::load_routes_file_hashed(&routes_path)
                     .with_context(|| "loading routes (the file store is the route source)")?;
-            tables.apply(&initial);
+            tables.apply(&bind_initial(&initial));
             StoreChoice::File {
                 path: routes_path,
                 poll: Duration::from_millis(config.routes.poll_interval_ms),
@@ -184,7 +212,7 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
                         written_unix = l.written_unix,
                         "routes from the snapshot file"
                     );
-                    tables.apply(&l.snapshot);
+                    tables.apply(&bind_initial(&l.snapshot));
                     Some(l)
                 }
                 Ok(None) => None,
@@ -225,9 +253,6 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         }
     });
     let routes = tables.routes.clone();
-
-    let cores = ringway_worker::plan_cores(&config.workers);
-    let n = cores.len();
     if config.listen.http.is_none() && config.listen.https.is_none() {
         bail!("no listener configured: set listen.http or listen.https");
     }
@@ -298,6 +323,7 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
         acme: tables.acme.clone(),
         policies: tables.policies.clone(),
         limiter: tables.limiter.clone(),
+        binder,
         access_log: config
             .access_log
             .enabled
@@ -357,6 +383,8 @@ pub fn start(config: Config, base: &Path, opts: Options) -> anyhow::Result<Runni
             acme: tables.acme.clone(),
             policies: tables.policies.clone(),
             limiter: tables.limiter.clone(),
+            registry: tables.registry.clone(),
+            route_stats: tables.route_stats.clone(),
             settings: settings.clone(),
             routes: routes.clone(),
             stats: worker_stats[id].clone(),

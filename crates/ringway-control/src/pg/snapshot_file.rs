@@ -14,7 +14,6 @@ use ringway_core::tls::CertSet;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -37,7 +36,10 @@ struct RouteGroup {
     project_id: i64,
     environment_id: i64,
     deployment_id: i64,
-    upstreams: Vec<SocketAddr>,
+    /// Strings in snapshots of earlier versions (plain addresses), tables now.
+    upstreams: Vec<crate::balance_spec::UpstreamEntry>,
+    #[serde(default)]
+    balance: crate::balance_spec::BalanceSettings,
     body_bytes_max: Option<u64>,
     redirect_https: bool,
     hsts: Option<(u32, bool, bool)>,
@@ -84,18 +86,22 @@ pub fn write(
     for (host, r) in routes {
         groups
             .entry(Arc::as_ptr(r))
-            .or_insert_with(|| RouteGroup {
-                hosts: Vec::new(),
-                name: r.name.to_string(),
-                project_id: r.project_id,
-                environment_id: r.environment_id,
-                deployment_id: r.deployment_id,
-                upstreams: r.upstreams.to_vec(),
-                body_bytes_max: r.body_bytes_max,
-                redirect_https: r.redirect_https,
-                hsts: r
-                    .hsts
-                    .map(|h| (h.max_age_s, h.include_subdomains, h.preload)),
+            .or_insert_with(|| {
+                let (upstreams, balance) = crate::balance_spec::settings_of(&r.cluster.spec);
+                RouteGroup {
+                    hosts: Vec::new(),
+                    name: r.name.to_string(),
+                    project_id: r.project_id,
+                    environment_id: r.environment_id,
+                    deployment_id: r.deployment_id,
+                    upstreams,
+                    balance,
+                    body_bytes_max: r.body_bytes_max,
+                    redirect_https: r.redirect_https,
+                    hsts: r
+                        .hsts
+                        .map(|h| (h.max_age_s, h.include_subdomains, h.preload)),
+                }
             })
             .hosts
             .push(host.clone());
@@ -180,15 +186,14 @@ pub fn read(path: &Path) -> Result<Option<Loaded>, SnapshotError> {
     }
     let mut routes = RouteSet::default();
     for g in file.routes {
-        if g.upstreams.is_empty() {
-            return Err(invalid(format!("route {:?} has no upstreams", g.name)));
-        }
+        let spec = crate::balance_spec::build(&g.upstreams, &g.balance)
+            .map_err(|e| invalid(format!("route {:?}: {e}", g.name)))?;
         let r = Arc::new(Route {
             name: g.name.into(),
             project_id: g.project_id,
             environment_id: g.environment_id,
             deployment_id: g.deployment_id,
-            upstreams: g.upstreams.into(),
+            cluster: Arc::new(ringway_core::balance::Cluster::unbound(spec)),
             body_bytes_max: g.body_bytes_max,
             redirect_https: g.redirect_https,
             hsts: g.hsts.map(|(max_age_s, include_subdomains, preload)| Hsts {
@@ -258,7 +263,9 @@ mod tests {
             project_id: 1,
             environment_id: 2,
             deployment_id: 7,
-            upstreams: vec!["127.0.0.1:3000".parse().unwrap()].into(),
+            cluster: Arc::new(ringway_core::balance::Cluster::unbound(
+                ringway_core::balance::ClusterSpec::of_addrs(&["127.0.0.1:3000".parse().unwrap()]),
+            )),
             body_bytes_max: Some(10),
             redirect_https: true,
             hsts: Some(Hsts {

@@ -15,18 +15,19 @@
 
 use super::snapshot_file::{self, CertSource};
 use super::{Backoff, Conn, PgError, connect};
+use crate::balance_spec::{BalanceSettings, UpstreamEntry};
 use crate::certs;
-use crate::file_store::{ACME_TOKENS_MAX, parse_upstream};
+use crate::file_store::ACME_TOKENS_MAX;
 use crate::metrics::ControlStats;
 use crate::policy_spec::PolicySpec;
 use crate::store::{ChangeSet, PolicyKey, RouteStore, StoreError, StoreEvent};
 use futures_util::TryStreamExt;
+use ringway_core::balance::Cluster;
 use ringway_core::policy::{Policy, PolicySet};
 use ringway_core::route::{Hsts, Route, RouteSet, normalize_pattern};
 use ringway_core::snapshot::Snapshot;
 use ringway_core::tls::{CertEntry, CertSet};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -310,10 +311,9 @@ fn route_from_row(
         return Ok((pattern, r.clone()));
     }
     let upstreams: Vec<String> = row.get(9);
-    let parsed: Vec<SocketAddr> = upstreams.iter().filter_map(|u| parse_upstream(u)).collect();
-    if parsed.is_empty() || parsed.len() != upstreams.len() {
-        return Err(format!("deployment {}: bad upstreams {upstreams:?}", key.0));
-    }
+    let entries: Vec<UpstreamEntry> = upstreams.into_iter().map(UpstreamEntry::Address).collect();
+    let spec = crate::balance_spec::build(&entries, &BalanceSettings::default())
+        .map_err(|e| format!("deployment {}: {e}", key.0))?;
     let hsts = key.2.map(|max_age| Hsts {
         max_age_s: u32::try_from(max_age).unwrap_or(0),
         include_subdomains: key.3,
@@ -324,7 +324,7 @@ fn route_from_row(
         project_id: row.get(7),
         environment_id: row.get(8),
         deployment_id: key.0,
-        upstreams: parsed.into(),
+        cluster: Arc::new(Cluster::unbound(spec)),
         body_bytes_max: key.5.and_then(|b| u64::try_from(b).ok()),
         redirect_https: key.1,
         hsts,

@@ -166,6 +166,13 @@ pub struct Registry {
     loads: Box<[Box<[EndpointLoad]>]>,
 }
 
+impl Default for Registry {
+    /// A small registry for tests; the proxy sizes its own from the configuration.
+    fn default() -> Self {
+        Self::new(256, 16)
+    }
+}
+
 impl Registry {
     pub fn new(capacity: usize, workers: usize) -> Self {
         let row = || (0..capacity).map(|_| EndpointLoad::default()).collect();
@@ -244,6 +251,17 @@ impl Registry {
             Some(1) => Checked::Up,
             Some(2) => Checked::Down,
             _ => Checked::Unknown,
+        }
+    }
+
+    /// Slot `index` as /metrics shows it: (takes requests, checked down).
+    pub fn health_at(&self, index: u32, now_ms: u64) -> (bool, bool) {
+        match self.health.get(index as usize) {
+            Some(h) => {
+                let down = h.checked.load(Relaxed) == Checked::Down as u8;
+                (!down && h.ejected_until_ms.load(Relaxed) <= now_ms, down)
+            }
+            None => (false, false),
         }
     }
 

@@ -68,6 +68,13 @@ pub struct RouteStats {
     rows: Box<[Box<[RouteCounters]>]>,
 }
 
+impl Default for RouteStats {
+    /// A small table for tests; the proxy sizes its own from the configuration.
+    fn default() -> Self {
+        Self::new(16, 16)
+    }
+}
+
 impl RouteStats {
     /// `series` named routes (plus the overflow slot) for `workers` workers.
     pub fn new(series: usize, workers: usize) -> Self {

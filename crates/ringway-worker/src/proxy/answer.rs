@@ -6,6 +6,9 @@
 use crate::error::reason_phrase;
 use ringway_proto::HeadWriter;
 
+/// Retry-After of a 503 for a route with no usable endpoint: about one ejection's length.
+const UNAVAILABLE_RETRY_AFTER_S: u32 = 5;
+
 /// What follows the head of an answer.
 #[derive(Debug)]
 pub(crate) enum Body {
@@ -53,6 +56,15 @@ impl Answer {
             cacheable: false,
             must_close: false,
             drain: true,
+        }
+    }
+
+    /// 503 because no endpoint of the route can take the request (`reason` says why): the
+    /// client may try again soon, when an ejection ends or a check passes.
+    pub fn unavailable(reason: &'static str) -> Self {
+        Self {
+            retry_after_s: Some(UNAVAILABLE_RETRY_AFTER_S),
+            ..Self::error(503, reason)
         }
     }
 

@@ -1,8 +1,14 @@
-//! Phase 4, forward: an upstream connection from the worker's pool (peeked: see `pool.rs`) or
-//! a new one, the head and the body sent (`stream::pump`), and the response head read. A
-//! failure on a pooled connection before any response byte sends an idempotent, bodyless
-//! request once more on a fresh connection (`upstream.retry_idempotent`). If the upstream
-//! stopped reading an upload because it answered early (413, 401), that answer is relayed.
+//! Phase 4, forward: the load balancer's attempts. Each attempt takes an upstream connection
+//! to the chosen endpoint from the worker's pool (peeked: see `pool.rs`) or a new one, sends
+//! the head and the body (`stream::pump`), and reads the response head. A failure on a pooled
+//! connection before any response byte sends an idempotent, bodyless request once more on a
+//! fresh connection to the same endpoint (`upstream.retry_idempotent`: the keep-alive race,
+//! not the endpoint's fault). A failure of the endpoint is reported (passive outlier
+//! detection) and, when the request can be sent again (the connect failed, so nothing was
+//! sent; or an idempotent bodyless request got no response byte), retried on another
+//! endpoint, within the route's `retries_max` and retry budget. Nothing is retried once a
+//! response byte has arrived. If the upstream stopped reading an upload because it answered
+//! early (413, 401), that answer is relayed.
 
 use super::record::Exchange;
 use super::{BodyState, Client, Req};
@@ -10,14 +16,17 @@ use crate::client::ClientIo;
 use crate::error::{ErrorKind, IoFail, ProxyError, Side};
 use crate::io::{RecvBuf, Timed};
 use crate::pace::Pace;
-use crate::route::Target;
+use crate::route::{self, Again, Failed, Target};
 use crate::stream::{self, Decode, Encode, End};
 use crate::worker::Worker;
 use monoio::net::TcpStream;
+use ringway_core::balance::FailKind;
+use ringway_core::balance::spec::RETRIES_MAX;
+use ringway_core::balance::stats::RouteEvent;
 use ringway_proto::head::HeadScanner;
 use ringway_proto::{BodyFraming, ChunkedDecoder};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which connection an attempt uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,24 +43,196 @@ pub(super) struct Sent<'a> {
     pub pace: &'a mut Pace,
 }
 
-/// Sends the request (head in `out`, body from the client) and reads the response head into
-/// `ubuf`. `Ok`: the connection the response is on.
+/// Endpoints one request was sent to, in order (the first attempt and its retries).
+struct Tried {
+    addrs: [SocketAddr; RETRIES_MAX as usize + 1],
+    len: usize,
+}
+
+impl Tried {
+    fn new(first: SocketAddr) -> Self {
+        Self {
+            addrs: [first; RETRIES_MAX as usize + 1],
+            len: 1,
+        }
+    }
+
+    fn push(&mut self, a: SocketAddr) {
+        debug_assert!(
+            self.len < self.addrs.len(),
+            "retries_max is at most RETRIES_MAX"
+        );
+        if self.len < self.addrs.len() {
+            self.addrs[self.len] = a;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+}
+
+/// Sends the request (head in `out`, body from the client) to the endpoint `target` chose,
+/// and to others while attempts fail and may be retried; `target` ends naming the endpoint of
+/// the last attempt. `Ok`: the connection the response head (in `ubuf`) is on.
 pub(super) async fn run<S: ClientIo>(
+    w: &Worker,
+    c: &mut Client<S>,
+    req: &Req,
+    target: &mut Target,
+    ex: &mut Exchange,
+    bufs: &mut super::Bufs,
+    mut sent: Sent<'_>,
+) -> Result<Timed<TcpStream>, ProxyError> {
+    let Ok(first) = target.pick else {
+        debug_assert!(
+            false,
+            "prepare answers 503 before forward without an endpoint"
+        );
+        return Err(ProxyError::upstream(ErrorKind::ConnectRefused));
+    };
+    let mut tried = Tried::new(first.addr);
+    let resendable = req.method.is_idempotent() && req.meta.framing == BodyFraming::None;
+    loop {
+        let Ok(chosen) = target.pick else {
+            return Err(ProxyError::upstream(ErrorKind::ConnectRefused));
+        };
+        begin_lease(w, ex, target);
+        let started = Instant::now();
+        match attempt(w, c, req, target, ex, bufs, chosen.addr, &mut sent).await {
+            Ok(up) => {
+                let status = status_of(&bufs.ubuf.buf);
+                let latency_us = started.elapsed().as_micros() as u64;
+                route::report_response(
+                    &w.routes,
+                    &ex.host,
+                    target,
+                    status,
+                    latency_us,
+                    &w.chooser(),
+                );
+                if let Some(id) = chosen.set_sticky {
+                    set_sticky(w, ex, id, S::TLS);
+                }
+                return Ok(up);
+            }
+            Err(e) => {
+                end_lease(w, ex, target);
+                if e.side != Side::Upstream {
+                    return Err(e);
+                }
+                let connect_failed = matches!(
+                    e.kind,
+                    ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout
+                );
+                let f = Failed {
+                    kind: fail_kind(e.kind),
+                    retry: connect_failed || (e.retry_safe && resendable),
+                    tried: tried.as_slice(),
+                };
+                match route::choose_again(
+                    &w.routes,
+                    &w.route_stats,
+                    &ex.host,
+                    target,
+                    f,
+                    &w.chooser(),
+                ) {
+                    Again::Retry(next) => {
+                        w.stats.upstream_retries.inc();
+                        w.route_event(target.stats, RouteEvent::Retry);
+                        tried.push(next.addr);
+                        target.pick = Ok(next);
+                        bufs.ubuf.buf.clear();
+                        bufs.ubuf.pos = 0;
+                    }
+                    Again::Stop { refused } => {
+                        if refused {
+                            w.route_event(target.stats, RouteEvent::RetryRefused);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The request is in flight to `target`'s endpoint (counted until the exchange ends).
+fn begin_lease(w: &Worker, ex: &mut Exchange, target: &Target) {
+    debug_assert!(ex.lease.is_none(), "one attempt at a time");
+    let e = target.endpoint();
+    w.registry.begin(w.id, e);
+    w.route_event(target.stats, RouteEvent::Begin);
+    ex.lease = Some(e);
+}
+
+/// The attempt on the leased endpoint is over.
+pub(super) fn end_lease(w: &Worker, ex: &mut Exchange, target: &Target) {
+    if let Some(e) = ex.lease.take() {
+        w.registry.end(w.id, e);
+        w.route_event(target.stats, RouteEvent::End);
+    }
+}
+
+/// What a failed attempt says about the endpoint; None: not its fault.
+fn fail_kind(k: ErrorKind) -> Option<FailKind> {
+    Some(match k {
+        ErrorKind::ConnectRefused => FailKind::ConnectRefused,
+        ErrorKind::ConnectTimeout => FailKind::ConnectTimeout,
+        ErrorKind::Timeout => FailKind::Timeout,
+        ErrorKind::Closed | ErrorKind::Io => FailKind::Reset,
+        ErrorKind::Protocol | ErrorKind::InterimLimit => FailKind::Protocol,
+        ErrorKind::BodyTooLarge | ErrorKind::TooSlow => return None,
+    })
+}
+
+/// The status code of the response head at the front of `buf` (0 if unreadable: the respond
+/// phase refuses such a head).
+fn status_of(buf: &[u8]) -> u16 {
+    buf.get(9..12)
+        .filter(|d| d.iter().all(u8::is_ascii_digit))
+        .map_or(0, |d| {
+            d.iter().fold(0u16, |n, b| n * 10 + u16::from(b - b'0'))
+        })
+}
+
+/// The response will set the route's sticky cookie to endpoint `id`.
+fn set_sticky(w: &Worker, ex: &mut Exchange, id: u64, tls: bool) {
+    let mut v = Vec::with_capacity(96);
+    if route::sticky_cookie(&w.routes, &ex.host, id, tls, &mut v) {
+        ex.ids.push_set_cookie(&v);
+    }
+}
+
+/// One attempt on `addr`: pooled (or fresh) connection, head and body sent, response head
+/// read.
+#[allow(clippy::too_many_arguments)]
+async fn attempt<S: ClientIo>(
     w: &Worker,
     c: &mut Client<S>,
     req: &Req,
     target: &Target,
     ex: &mut Exchange,
     bufs: &mut super::Bufs,
-    sent: Sent<'_>,
+    addr: SocketAddr,
+    sent: &mut Sent<'_>,
 ) -> Result<Timed<TcpStream>, ProxyError> {
     let super::Bufs { out, ubuf } = bufs;
     let has_body = req.meta.framing != BodyFraming::None;
     let retryable = w.settings.retry_idempotent && req.method.is_idempotent() && !has_body;
-    let mut attempt = Attempt::Pooled;
+    let wait = match target.per_try_ms {
+        0 => w.settings.upstream_read,
+        ms => w
+            .settings
+            .upstream_read
+            .min(Duration::from_millis(u64::from(ms))),
+    };
+    let mut kind = Attempt::Pooled;
     loop {
         ex.contacted = true;
-        let (mut up, reused) = connect(w, target.upstream, attempt).await?;
+        let (mut up, reused) = connect(w, addr, kind).await?;
         let r = if has_body {
             send_body(w, c, req, target, ex, out, &mut up, sent.pace, sent.body).await
         } else {
@@ -63,31 +244,36 @@ pub(super) async fn run<S: ClientIo>(
             *out = b;
             r.map_err(|e| e.on(Side::Upstream))
         };
-        let may_retry = reused && retryable && attempt == Attempt::Pooled;
+        let may_retry = reused && retryable && kind == Attempt::Pooled;
         match r {
             Ok(()) => {}
             Err(e) if e.side == Side::Upstream && may_retry => {
                 w.stats.upstream_retries.inc();
-                attempt = Attempt::Fresh;
+                kind = Attempt::Fresh;
                 continue;
             }
             Err(e) if e.side == Side::Upstream && has_body && e.kind != ErrorKind::BodyTooLarge => {
                 // The upstream stopped reading the body. It may have answered early (413,
                 // 401): relay that answer if it is already there.
-                return match read_response_head(w, &mut up, ubuf, None).await {
+                return match read_response_head(w, &mut up, ubuf, None, wait).await {
                     Ok(()) => Ok(up),
                     Err(_) => Err(e),
                 };
             }
             Err(e) => return Err(e),
         }
-        match read_response_head(w, &mut up, ubuf, None).await {
+        match read_response_head(w, &mut up, ubuf, None, wait).await {
             Ok(()) => return Ok(up),
             Err(e) if e.retry_safe && may_retry => {
                 w.stats.upstream_retries.inc();
-                attempt = Attempt::Fresh;
+                kind = Attempt::Fresh;
                 ubuf.buf.clear();
                 ubuf.pos = 0;
+            }
+            // No response byte within the wait: an idempotent request may go to another
+            // endpoint (never again to this one: that would double the wait).
+            Err(e) if e.kind == ErrorKind::Timeout && ubuf.buf.is_empty() => {
+                return Err(e.retry_safe(true));
             }
             Err(e) => return Err(e),
         }
@@ -166,14 +352,15 @@ async fn connect(
     }
 }
 
-/// Reads until `ubuf` holds a complete response head (at its front). Failures before any byte
-/// are marked retry-safe. `until`: after an interim response, when the final head is due at
+/// Reads until `ubuf` holds a complete response head (at its front), waiting at most `wait`
+/// for each read. Failures before any byte are marked retry-safe. `until`: after an interim response, when the final head is due at
 /// the latest (past it: `InterimLimit`).
 pub(super) async fn read_response_head(
     w: &Worker,
     up: &mut Timed<TcpStream>,
     ubuf: &mut RecvBuf,
     until: Option<Instant>,
+    wait: Duration,
 ) -> Result<(), ProxyError> {
     let mut scanner = HeadScanner::new();
     loop {
@@ -183,7 +370,7 @@ pub(super) async fn read_response_head(
             Err(_) => return Err(ProxyError::upstream(ErrorKind::Protocol)),
         }
         let nothing_yet = ubuf.buf.is_empty();
-        let mut wait = w.settings.upstream_read;
+        let mut wait = wait;
         let mut interim_bound = false;
         if let Some(u) = until {
             let left = u.saturating_duration_since(Instant::now());

@@ -10,8 +10,9 @@
 //!    the upstream head. Nothing here waits.
 //! 3. **body** (`body.rs`): answer `Expect: 100-continue`; read a small body before an
 //!    upstream is taken.
-//! 4. **forward** (`forward.rs`): pool or connect, send head and body, read the response head;
-//!    retry an idempotent request once on a fresh connection.
+//! 4. **forward** (`forward.rs`): the load balancer's attempts: pool or connect to the chosen
+//!    endpoint, send head and body, read the response head; failures reported to the
+//!    endpoint's health and retried on another endpoint where the request can be sent again.
 //! 5. **respond** (`respond.rs`): interim responses, the client head, the body or a tunnel.
 //! 6. **finish** (here).
 //!
@@ -189,7 +190,7 @@ async fn run<S: ClientIo>(
     bufs.out = w.bufs.take();
     let prepared = prepare::run(w, c, head_len, ex, &mut bufs.out);
     c.rb.consume(head_len);
-    let (req, target) = match prepared {
+    let (req, mut target) = match prepared {
         Ok(x) => x,
         Err(answer) => {
             let refusal = matches!(answer.body, Body::ErrorPage);
@@ -214,9 +215,12 @@ async fn run<S: ClientIo>(
             body: &mut body,
             pace: &mut body_pace,
         };
-        forward::run(w, c, &req, &target, ex, bufs, sent).await
+        forward::run(w, c, &req, &mut target, ex, bufs, sent).await
     }
     .await;
+    // The endpoint of the last attempt is the one logged, pooled and released.
+    *target_out = Some(target);
+    ex.target = Some(target);
     let up = match sent {
         Ok(up) => up,
         Err(e) => return (failed(w, ex, e), body),
@@ -297,6 +301,9 @@ async fn finish<S: ClientIo>(
 ) -> Next {
     let Bufs { mut out, ubuf } = bufs;
     put(w, ubuf.buf);
+    if let Some(t) = &target {
+        forward::end_lease(w, &mut ex, t);
+    }
     if body == BodyState::Unsent {
         // Buffered and never pumped: counted here (the pump counts what it moves).
         ex.bytes_in += c.rb.unread().len() as u64;
@@ -336,8 +343,12 @@ async fn finish<S: ClientIo>(
             client_open,
             upstream,
         } => {
-            if let (Some(up), Some(t)) = (upstream, target) {
-                w.pool.borrow_mut().checkin(t.upstream, up, Instant::now());
+            // A draining endpoint's connections are not kept.
+            if let (Some(up), Some(t)) = (upstream, target)
+                && let Some(addr) = t.upstream()
+                && w.registry.pooling(t.endpoint())
+            {
+                w.pool.borrow_mut().checkin(addr, up, Instant::now());
             }
             if client_open {
                 Next::KeepAlive

@@ -13,6 +13,7 @@ use crate::client::ClientIo;
 use crate::headers::{self, Forwarding};
 use crate::route::{self, HostName, Target};
 use crate::worker::Worker;
+use ringway_core::balance::stats::RouteEvent;
 use ringway_proto::{BodyFraming, HEADER_SLOTS, Method, Request, parse_request};
 
 /// ACME HTTP-01 challenge paths (RFC 8555 §8.3).
@@ -53,7 +54,16 @@ pub(super) fn run<S: ClientIo>(
         w.stats.misdirected.inc();
         return Err(Answer::error(421, "misdirected").closing_if(has_body));
     }
-    let Some(target) = route::resolve(&w.routes, &host, w.next_pick(), s.body_bytes_max) else {
+    let chooser = w.chooser();
+    let resolved = route::resolve(
+        &w.routes,
+        &host,
+        &r,
+        ex.client_ip,
+        &chooser,
+        s.body_bytes_max,
+    );
+    let Some(target) = resolved else {
         return Err(Answer::error(404, "no_route").closing_if(has_body));
     };
     ex.target = Some(target);
@@ -66,6 +76,15 @@ pub(super) fn run<S: ClientIo>(
     {
         return Err(Answer::error(413, "body_too_large").closing());
     }
+    let upstream = match target.pick {
+        Ok(c) => c.addr,
+        Err(u) => {
+            // Policy and redirects had their say: only requests that would go upstream
+            // learn that nothing can take them.
+            w.route_event(target.stats, RouteEvent::Unavailable);
+            return Err(Answer::unavailable(u.reason()).closing_if(has_body));
+        }
+    };
     req.meta.upgrade = upgrade_allowed(w, &r, &req);
     headers::write_upstream_request(
         out,
@@ -81,7 +100,7 @@ pub(super) fn run<S: ClientIo>(
             untrusted_strip: &s.untrusted_strip,
             host_fallback: host.as_bytes(),
             strip_expect: true,
-            upstream: target.upstream,
+            upstream,
             visitor_id: ex.ids.visitor(),
             session_id: ex.ids.session(),
         },

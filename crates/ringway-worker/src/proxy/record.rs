@@ -66,6 +66,8 @@ pub struct Exchange {
     /// parsed).
     pub(super) keep_alive: bool,
     pub(super) target: Option<Target>,
+    /// The endpoint whose in-flight count this exchange holds (one attempt at a time).
+    pub(super) lease: Option<ringway_core::balance::EndpointRef>,
     /// An upstream was contacted (the log names it only then: a redirect or a refused body
     /// has a route but no upstream).
     pub(super) contacted: bool,
@@ -100,6 +102,7 @@ impl Exchange {
             head_request: false,
             keep_alive: false,
             target: None,
+            lease: None,
             contacted: false,
             ids: crate::policy::Ids::default(),
             status: 0,
@@ -134,6 +137,13 @@ impl Exchange {
     pub fn finish(&self, w: &Worker, head: &[u8]) {
         let duration_us = self.start.elapsed().as_micros() as u64;
         w.stats.record_request(self.status, duration_us);
+        if let Some(t) = self.target {
+            let ev = ringway_core::balance::stats::RouteEvent::Response {
+                status: self.status,
+                latency_us: duration_us,
+            };
+            w.route_event(t.stats, ev);
+        }
         w.stats.bytes_in.add(self.bytes_in);
         w.stats.bytes_out.add(self.bytes_out);
         w.log(&LogEntry {
@@ -146,7 +156,10 @@ impl Exchange {
             status: self.status,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
-            upstream: self.target.filter(|_| self.contacted).map(|t| t.upstream),
+            upstream: self
+                .target
+                .filter(|_| self.contacted)
+                .and_then(|t| t.upstream()),
             client_ip: self.client_ip,
             user_agent: slice(head, self.user_agent),
             route: self.target.map(|t| t.ids),

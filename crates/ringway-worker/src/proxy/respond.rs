@@ -158,7 +158,10 @@ async fn final_head<S: ClientIo>(
                 return Err(Respond::Gone);
             }
         }
-        if let Err(e) = super::forward::read_response_head(w, up, ubuf, Some(until)).await {
+        if let Err(e) =
+            super::forward::read_response_head(w, up, ubuf, Some(until), w.settings.upstream_read)
+                .await
+        {
             if e.kind == ErrorKind::InterimLimit {
                 return Err(interim_exceeded(w));
             }
