@@ -215,14 +215,20 @@ async fn follow_store(
     let mut maintenance = tokio::time::interval(balance::MAINTENANCE_INTERVAL);
     maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next = tokio::select! {
-            n = store.next() => n,
-            _ = maintenance.tick() => {
-                binder.maintain(&routes).await;
-                continue;
+        // The store's future lives across maintenance steps: a store's `next` is not
+        // cancel-safe (a full database load would start over at every step).
+        let next = {
+            let fut = store.next();
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    n = &mut fut => break Some(n),
+                    _ = maintenance.tick() => binder.maintain(&routes).await,
+                    _ = &mut stop => break None,
+                }
             }
-            _ = &mut stop => break,
         };
+        let Some(next) = next else { break };
         match next {
             Ok(ev) => {
                 match ev {

@@ -298,14 +298,16 @@ impl Cluster {
     }
 
     /// Two distinct candidates drawn by weight; the less loaded (in-flight times latency)
-    /// wins, the first on a tie, so an idle route still follows the weights.
+    /// wins.
     fn two_choices(&self, j: &Judge<'_>) -> Option<usize> {
         let a = self.weighted_pick(j, j.ask.rand, None)?;
         let Some(b) = self.weighted_pick(j, j.ask.rand.rotate_left(29) ^ SECOND_DRAW_SALT, Some(a))
         else {
             return Some(a);
         };
-        Some(if j.score(b, true) < j.score(a, true) {
+        // The second must be clearly better (by a quarter): latencies that differ by noise
+        // tie, so an idle route follows the weights of the first draw.
+        Some(if j.score(b, true) * 5 < j.score(a, true) * 4 {
             b
         } else {
             a

@@ -105,12 +105,13 @@ pub enum HashKey {
 /// How an endpoint is chosen for a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Strategy {
-    /// Smooth weighted round robin (as nginx): weights honoured without bursts.
+    /// Smooth weighted round robin (as nginx): weights honoured without bursts. The default,
+    /// as in nginx, HAProxy and Envoy.
+    #[default]
     RoundRobin,
     /// The fewest requests in flight (all workers), per unit of weight.
     LeastConnections,
     /// Two random endpoints, the one with fewer requests in flight times latency (EWMA).
-    #[default]
     PowerOfTwo,
     /// Weighted random.
     Random,

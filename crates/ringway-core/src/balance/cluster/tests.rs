@@ -98,7 +98,12 @@ fn weighted_round_robin_and_random_follow_weights() {
     within(&counts(&rr, &fx.reg, 10_000, |_| {}), &w, 0.05);
     let random = fx.cluster(&w, |s| s.strategy = Strategy::Random);
     within(&counts(&random, &fx.reg, 10_000, |_| {}), &w, 0.05);
-    let p2c = fx.cluster(&w, |_| {});
+    let p2c = fx.cluster(&w, |s| s.strategy = Strategy::PowerOfTwo);
+    within(&counts(&p2c, &fx.reg, 10_000, |_| {}), &w, 0.10);
+    // Latencies that differ by noise (1.00, 1.10, 1.05 ms) still leave it to the weights.
+    for (m, us) in p2c.members().iter().zip([1_000, 1_100, 1_050]) {
+        fx.reg.success(0, m.endpoint, 2, us);
+    }
     within(&counts(&p2c, &fx.reg, 10_000, |_| {}), &w, 0.10);
 }
 
@@ -112,7 +117,7 @@ fn least_loaded_strategies_avoid_busy_and_slow_endpoints() {
     }
     let c = counts(&lc, &fx.reg, 3_000, |_| {});
     assert_eq!(c[0], 0, "{c:?}");
-    let p2c = fx.cluster(&[1, 1, 1], |_| {});
+    let p2c = fx.cluster(&[1, 1, 1], |s| s.strategy = Strategy::PowerOfTwo);
     let slow = p2c.members()[1].endpoint;
     for m in p2c.members() {
         let lat = if m.endpoint == slow { 21_000 } else { 1_000 };
