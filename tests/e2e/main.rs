@@ -2,6 +2,7 @@
 //! sockets, against upstreams started by the tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod balance;
 mod basics;
 mod bodies;
 mod hardening;

@@ -2,6 +2,7 @@
 //! raw HTTP client.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod client;
 pub mod origin;
 pub mod pg;
