@@ -295,7 +295,7 @@ fn least_connections_and_p2c_keep_a_slow_upstream_under_20_percent() {
         let slow = by.get("c").copied().unwrap_or(0) as f64 / ok as f64;
         assert!(slow < 0.20, "{strategy}: slow share {slow} ({by:?})");
         assert!(
-            by.get("a").is_some() && by.get("b").is_some(),
+            by.contains_key("a") && by.contains_key("b"),
             "{strategy}: {by:?}"
         );
     }
