@@ -50,9 +50,9 @@ fn migrations_apply_on_an_empty_database_and_are_idempotent() {
     let db = TestDb::create();
     let mut c = Config::default();
     c.postgres.url = db.url();
-    assert_eq!(ringway::migrate(&c).unwrap(), vec![1, 2]);
+    assert_eq!(ringway::migrate(&c).unwrap(), vec![1, 2, 3]);
     assert_eq!(ringway::migrate(&c).unwrap(), Vec::<i32>::new());
-    assert_eq!(db.i64("SELECT count(*) FROM ringway_schema_migrations"), 2);
+    assert_eq!(db.i64("SELECT count(*) FROM ringway_schema_migrations"), 3);
     for t in [
         "projects",
         "environments",
@@ -62,6 +62,7 @@ fn migrations_apply_on_an_empty_database_and_are_idempotent() {
         "acme_challenges",
         "proxy_logs",
         "ringway_log_batches",
+        "upstreams",
     ] {
         assert_eq!(db.i64(&format!("SELECT count(*) FROM {t}")), 0, "{t}");
     }
@@ -938,4 +939,76 @@ fn a_full_disk_under_the_spool_drops_and_counts_only_what_did_not_fit() {
         db.i64("SELECT count(*) FROM proxy_logs") as u64,
         1 + on_disk
     );
+}
+
+/// Which backend answers a GET for a.test (`X-Backend`).
+fn backend_of(p: &TestProxy, path: &str) -> String {
+    let r = get(p.addr, "a.test", path);
+    r.header("x-backend").unwrap_or("?").to_string()
+}
+
+#[test]
+fn upstream_rows_and_balancer_settings_follow_the_database_within_100_ms() {
+    use crate::support::backend::Backend;
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let db = TestDb::migrated();
+    seed(&db, &[a.addr]);
+    db.exec("INSERT INTO domains (hostname, deployment_id) VALUES ('a.test', 1)");
+    let p = pg_proxy(db.url(), |_| {});
+    assert_eq!(backend_of(&p, "/"), "a");
+
+    // A row adds an endpoint: visible (some request reaches it) within 100 ms.
+    let t = std::time::Instant::now();
+    db.exec(&format!(
+        "INSERT INTO upstreams (deployment_id, address) VALUES (1, '{}')",
+        b.addr
+    ));
+    let mut seen = None;
+    while t.elapsed() < Duration::from_secs(2) {
+        if backend_of(&p, "/") == "b" {
+            seen = Some(t.elapsed());
+            break;
+        }
+    }
+    let seen = seen.expect("the new upstream serves");
+    eprintln!("upstream row visible after {seen:?}");
+    assert!(seen <= Duration::from_millis(100), "visible after {seen:?}");
+
+    // Upstreams as rows only: a with weight 3, b draining: every new request goes to a.
+    db.exec(&format!(
+        "UPDATE deployments SET upstreams = '{{}}' WHERE id = 1; \
+         INSERT INTO upstreams (deployment_id, address, weight) VALUES (1, '{}', 3); \
+         UPDATE upstreams SET state = 'draining' WHERE address = '{}'",
+        a.addr, b.addr
+    ));
+    assert!(eventually(SECS, || (0..10).all(|_| backend_of(&p, "/") == "a")));
+    let drained = b.requests();
+    for _ in 0..20 {
+        assert_eq!(backend_of(&p, "/"), "a");
+    }
+    assert_eq!(b.requests(), drained);
+
+    // Settings: hashing on the path keeps each path on one endpoint.
+    db.exec("UPDATE upstreams SET state = 'active'");
+    db.exec(r#"UPDATE deployments SET balancer = '{"balancer": {"strategy": "hash", "hash_key": "path"}}' WHERE id = 1"#);
+    assert!(eventually(SECS, || {
+        (0..20).all(|i| {
+            let path = format!("/p{i}");
+            let first = backend_of(&p, &path);
+            (0..3).all(|_| backend_of(&p, &path) == first)
+        })
+    }));
+    let on_b = (0..40)
+        .filter(|i| backend_of(&p, &format!("/p{i}")) == "b")
+        .count();
+    assert!(on_b > 0 && on_b < 40, "paths spread over both: {on_b}");
+
+    // A setting the proxy does not know is refused with its reason, not half applied: the
+    // domain is not served (as any domain that cannot be routed).
+    db.exec(
+        r#"UPDATE deployments SET balancer = '{"balancer": {"strategy": "fastest"}}' WHERE id = 1"#,
+    );
+    assert!(eventually(SECS, || status(&p, "a.test", "/") == 404));
+    db.exec("UPDATE deployments SET balancer = '{}' WHERE id = 1");
+    assert!(eventually(SECS, || status(&p, "a.test", "/") == 200));
 }

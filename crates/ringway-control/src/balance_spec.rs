@@ -100,6 +100,7 @@ pub struct OutlierSection {
 
 /// Everything a store says about one route's upstreams.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct BalanceSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balancer: Option<BalancerSection>,
@@ -383,14 +384,11 @@ mod tests {
     use super::*;
 
     fn parse(toml_text: &str) -> Result<ClusterSpec, String> {
-        #[derive(Deserialize)]
-        struct T {
-            upstreams: Vec<UpstreamEntry>,
-            #[serde(flatten)]
-            s: BalanceSettings,
-        }
-        let t: T = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        build(&t.upstreams, &t.s)
+        let mut t: toml::Table = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        let ups = t.remove("upstreams").ok_or("no upstreams key")?;
+        let ups: Vec<UpstreamEntry> = ups.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let s: BalanceSettings = t.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        build(&ups, &s)
     }
 
     #[test]
@@ -480,6 +478,14 @@ mod tests {
                 "cookie name",
             ),
             ("upstreams = []", "no upstreams"),
+            (
+                "upstreams = [\"10.0.0.1:80\"]\n[balancer]\nstratgy = \"p2c\"",
+                "unknown field",
+            ),
+            (
+                "upstreams = [\"10.0.0.1:80\"]\n[balncer]\n",
+                "unknown field",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.contains(want), "{text}: {e}");

@@ -20,6 +20,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "policies",
         include_str!("../../migrations/0002_policies.sql"),
     ),
+    (
+        3,
+        "upstreams",
+        include_str!("../../migrations/0003_upstreams.sql"),
+    ),
 ];
 
 /// Advisory lock key shared by every Ringway node ("ringway" in ASCII).

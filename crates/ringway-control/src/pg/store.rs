@@ -44,9 +44,16 @@ const CHANGE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Changes are written to the snapshot file at most this often.
 const SNAPSHOT_DEBOUNCE: Duration = Duration::from_secs(1);
 
-const DOMAINS_SQL: &str = "SELECT d.hostname, d.redirect_https, d.hsts_max_age_s, d.hsts_include_subdomains, \
-     d.hsts_preload, d.body_bytes_max, p.id, p.project_id, p.environment_id, p.upstreams \
-     FROM domains d JOIN deployments p ON p.id = d.deployment_id";
+/// Domains with their deployments: upstream rows aggregated once per deployment (not once
+/// per domain: a million domains share a few thousand deployments), settings as JSON text.
+const DOMAINS_SQL: &str = "WITH ups AS (SELECT deployment_id, jsonb_agg(jsonb_build_object(\
+     'address', address, 'weight', weight, 'state', state) ORDER BY id)::text AS list \
+     FROM upstreams GROUP BY deployment_id) \
+     SELECT d.hostname, d.redirect_https, d.hsts_max_age_s, d.hsts_include_subdomains, \
+     d.hsts_preload, d.body_bytes_max, p.id, p.project_id, p.environment_id, p.upstreams, \
+     ups.list, p.balancer::text \
+     FROM domains d JOIN deployments p ON p.id = d.deployment_id \
+     LEFT JOIN ups ON ups.deployment_id = p.id";
 const CERTS_SQL: &str = "SELECT domain, cert_pem, key_pem, is_default FROM certificates";
 
 /// Settings of the store.
@@ -311,8 +318,19 @@ fn route_from_row(
         return Ok((pattern, r.clone()));
     }
     let upstreams: Vec<String> = row.get(9);
-    let entries: Vec<UpstreamEntry> = upstreams.into_iter().map(UpstreamEntry::Address).collect();
-    let spec = crate::balance_spec::build(&entries, &BalanceSettings::default())
+    let mut entries: Vec<UpstreamEntry> =
+        upstreams.into_iter().map(UpstreamEntry::Address).collect();
+    let bad = |what: &str, e: serde_json::Error| format!("deployment {}: {what}: {e}", key.0);
+    if let Some(rows) = row.get::<_, Option<String>>(10) {
+        let rows: Vec<UpstreamEntry> =
+            serde_json::from_str(&rows).map_err(|e| bad("upstream rows", e))?;
+        entries.extend(rows);
+    }
+    let settings: BalanceSettings = match row.get::<_, Option<String>>(11) {
+        Some(text) => serde_json::from_str(&text).map_err(|e| bad("balancer", e))?,
+        None => BalanceSettings::default(),
+    };
+    let spec = crate::balance_spec::build(&entries, &settings)
         .map_err(|e| format!("deployment {}: {e}", key.0))?;
     let hsts = key.2.map(|max_age| Hsts {
         max_age_s: u32::try_from(max_age).unwrap_or(0),
