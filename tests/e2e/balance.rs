@@ -616,3 +616,28 @@ fn dns_server() -> SocketAddr {
     });
     addr
 }
+
+#[test]
+fn past_the_connection_and_pending_limits_requests_get_503() {
+    let b = Backend::start("a");
+    b.set_delay(400);
+    let extra = "[route.balancer]\nconnections_max = 1\npending_max = 1\n";
+    let p = TestProxy::start_with(&routes(&[&b], extra), |c| c.workers.count = 1);
+    let addr = p.addr;
+    let spawn = || std::thread::spawn(move || Conn::connect(addr).get("app.test", "/"));
+    let first = spawn();
+    std::thread::sleep(Duration::from_millis(100));
+    let queued = spawn();
+    std::thread::sleep(Duration::from_millis(100));
+    let refused = Conn::connect(p.addr).get("app.test", "/");
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(first.join().unwrap().status, 200);
+    assert_eq!(
+        queued.join().unwrap().status,
+        200,
+        "the queued request waited for room"
+    );
+    assert_eq!(b.requests(), 2);
+    assert!(p.metric_sum("ringway_route_unavailable_total") >= 1.0);
+}

@@ -33,6 +33,9 @@ pub enum ErrorKind {
     TooSlow,
     /// The upstream sent more interim (1xx) responses, or for longer, than allowed.
     InterimLimit,
+    /// Every usable endpoint is at its connection limit and its queue is full (or the wait
+    /// for room ended).
+    Saturated,
 }
 
 /// An exchange failure. Like pingora's errors, it says which side failed and whether sending
@@ -75,6 +78,7 @@ impl ProxyError {
             (Side::Client, ErrorKind::Timeout | ErrorKind::TooSlow) => 408,
             (Side::Client, _) => 400,
             (Side::Upstream, ErrorKind::Timeout | ErrorKind::ConnectTimeout) => 504,
+            (_, ErrorKind::Saturated) => 503,
             (Side::Upstream, _) => 502,
         }
     }
@@ -95,6 +99,7 @@ impl ProxyError {
             (Side::Upstream, ErrorKind::ConnectRefused) => "upstream_connect_failed",
             (Side::Upstream, ErrorKind::ConnectTimeout) => "upstream_connect_timeout",
             (Side::Upstream, ErrorKind::InterimLimit) => "upstream_interim_limit",
+            (_, ErrorKind::Saturated) => "endpoint_limit",
             _ => "proxy_error",
         }
     }

@@ -34,6 +34,8 @@ pub struct Target {
     pub per_try_ms: u32,
     /// Responses that count as endpoint failures.
     pub failure_statuses: Statuses5xx,
+    /// Requests one worker may hold waiting for an endpoint at its connection limit.
+    pub pending_max: u32,
     /// The route's statistics slot.
     pub stats: u32,
 }
@@ -149,6 +151,7 @@ pub fn resolve(
             retries_max: spec.retry.retries_max,
             per_try_ms: spec.retry.per_try_timeout_ms.unwrap_or(0),
             failure_statuses: spec.outlier.failure_statuses,
+            pending_max: spec.limits.pending_max,
             stats: c.stats,
         }
     })
@@ -246,6 +249,27 @@ fn again(route: &Route, stats: &RouteStats, t: &Target, f: Failed<'_>, ch: &Choo
         return Again::Stop { refused: true };
     }
     Again::Retry(next)
+}
+
+/// A new choice for a request waiting for room at an endpoint's connection limit.
+pub fn choose_fresh(
+    table: &RouteTable,
+    host: &HostName,
+    t: &Target,
+    ch: &Chooser<'_>,
+) -> Option<Chosen> {
+    table.with_route(host.as_str(), |route| {
+        let ask = Ask {
+            worker: ch.worker,
+            now_ms: ch.registry.now_ms(),
+            rand: ch.rand,
+            seq: ch.seq,
+            key: t.key,
+            sticky: None,
+            tried: &[],
+        };
+        route.cluster.choose(ch.registry, &ask).ok()
+    })?
 }
 
 /// After a response head: the endpoint's success (or a failure status) reported.

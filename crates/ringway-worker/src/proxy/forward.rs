@@ -43,6 +43,9 @@ pub(super) struct Sent<'a> {
     pub pace: &'a mut Pace,
 }
 
+/// How often a request waiting at a connection limit looks for room.
+const SATURATED_RECHECK: Duration = Duration::from_millis(1);
+
 /// Endpoints one request was sent to, in order (the first attempt and its retries).
 struct Tried {
     addrs: [SocketAddr; RETRIES_MAX as usize + 1],
@@ -91,6 +94,12 @@ pub(super) async fn run<S: ClientIo>(
             "prepare answers 503 before forward without an endpoint"
         );
         return Err(ProxyError::upstream(ErrorKind::ConnectRefused));
+    };
+    if first.saturated {
+        wait_for_room(w, ex, target).await?;
+    }
+    let Ok(first) = target.pick else {
+        return Err(ProxyError::upstream(ErrorKind::Saturated));
     };
     let mut tried = Tried::new(first.addr);
     let resendable = req.method.is_idempotent() && req.meta.framing == BodyFraming::None;
@@ -159,6 +168,36 @@ pub(super) async fn run<S: ClientIo>(
     }
 }
 
+/// Every usable endpoint is at its connection limit: wait (as one of at most `pending_max`
+/// per endpoint and worker) for one to have room, re-choosing every
+/// [`SATURATED_RECHECK`], for at most `timeouts.upstream_connect_ms`.
+async fn wait_for_room(w: &Worker, ex: &Exchange, target: &mut Target) -> Result<(), ProxyError> {
+    let full = || ProxyError::upstream(ErrorKind::Saturated);
+    let e = target.endpoint();
+    let queued = w.registry.load(w.id, e).map_or(0, |l| l.pending());
+    if queued >= target.pending_max {
+        w.route_event(target.stats, RouteEvent::Unavailable);
+        return Err(full());
+    }
+    w.registry.pending(w.id, e, 1);
+    let deadline = Instant::now() + w.settings.upstream_connect;
+    let got = loop {
+        monoio::time::sleep(SATURATED_RECHECK).await;
+        match route::choose_fresh(&w.routes, &ex.host, target, &w.chooser()) {
+            Some(c) if !c.saturated => break Some(c),
+            _ if Instant::now() >= deadline => break None,
+            _ => {}
+        }
+    };
+    w.registry.pending(w.id, e, -1);
+    let Some(c) = got else {
+        w.route_event(target.stats, RouteEvent::Unavailable);
+        return Err(full());
+    };
+    target.pick = Ok(c);
+    Ok(())
+}
+
 /// The request is in flight to `target`'s endpoint (counted until the exchange ends).
 fn begin_lease(w: &Worker, ex: &mut Exchange, target: &Target) {
     debug_assert!(ex.lease.is_none(), "one attempt at a time");
@@ -184,7 +223,7 @@ fn fail_kind(k: ErrorKind) -> Option<FailKind> {
         ErrorKind::Timeout => FailKind::Timeout,
         ErrorKind::Closed | ErrorKind::Io => FailKind::Reset,
         ErrorKind::Protocol | ErrorKind::InterimLimit => FailKind::Protocol,
-        ErrorKind::BodyTooLarge | ErrorKind::TooSlow => return None,
+        ErrorKind::BodyTooLarge | ErrorKind::TooSlow | ErrorKind::Saturated => return None,
     })
 }
 

@@ -273,8 +273,13 @@ fn failed(w: &Worker, ex: &mut Exchange, e: ProxyError) -> End {
     if e.side == Side::Client && e.kind == ErrorKind::TooSlow {
         w.stats.slow_request_bodies.inc();
     }
+    let answer = if e.kind == ErrorKind::Saturated {
+        Answer::unavailable(e.reason())
+    } else {
+        Answer::error(e.status(), e.reason())
+    };
     End::Answer {
-        answer: Answer::error(e.status(), e.reason()),
+        answer,
         refusal: false,
     }
 }
