@@ -10,8 +10,15 @@
 
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
 use ringway_bench::hosts;
+use ringway_core::balance::{Cluster, ClusterSpec};
 use ringway_core::route::{HOST_BYTES_MAX, Route, RouteSet, RouteTable, normalize_host};
 use std::sync::Arc;
+
+fn cluster(addr: &str) -> Arc<Cluster> {
+    Arc::new(Cluster::unbound(ClusterSpec::of_addrs(&[addr
+        .parse()
+        .unwrap()])))
+}
 
 fn table(n: usize) -> RouteTable {
     let t = RouteTable::new();
@@ -24,7 +31,7 @@ fn table(n: usize) -> RouteTable {
                 project_id: i as i64,
                 environment_id: 1,
                 deployment_id: 1,
-                upstreams: vec!["10.0.0.1:3000".parse().unwrap()].into(),
+                cluster: cluster("10.0.0.1:3000"),
                 body_bytes_max: None,
                 redirect_https: false,
                 hsts: None,
@@ -38,7 +45,7 @@ fn table(n: usize) -> RouteTable {
             project_id: 0,
             environment_id: 0,
             deployment_id: 0,
-            upstreams: vec!["10.0.0.2:3000".parse().unwrap()].into(),
+            cluster: cluster("10.0.0.2:3000"),
             body_bytes_max: None,
             redirect_https: false,
             hsts: None,

@@ -7,7 +7,7 @@
 
 use ringway_core::RouteTable;
 use ringway_core::balance::hash::{mix, stable_hash};
-use ringway_core::balance::spec::{HashKey, Statuses5xx};
+use ringway_core::balance::spec::HashKey;
 use ringway_core::balance::stats::RouteStats;
 use ringway_core::balance::{Ask, Chosen, EndpointRef, FailKind, Registry, Unavailable};
 use ringway_core::record::RouteIds;
@@ -32,8 +32,6 @@ pub struct Target {
     pub retries_max: u8,
     /// Bound on one attempt's wait for the response head, in milliseconds (0: the default).
     pub per_try_ms: u32,
-    /// Responses that count as endpoint failures.
-    pub failure_statuses: Statuses5xx,
     /// Requests one worker may hold waiting for an endpoint at its connection limit.
     pub pending_max: u32,
     /// The route's statistics slot.
@@ -150,7 +148,6 @@ pub fn resolve(
             key,
             retries_max: spec.retry.retries_max,
             per_try_ms: spec.retry.per_try_timeout_ms.unwrap_or(0),
-            failure_statuses: spec.outlier.failure_statuses,
             pending_max: spec.limits.pending_max,
             stats: c.stats,
         }
@@ -188,7 +185,7 @@ pub struct Failed<'a> {
     pub kind: Option<FailKind>,
     /// Another endpoint may be tried (the request can be sent again).
     pub retry: bool,
-    pub tried: &'a [SocketAddr],
+    pub tried: &'a [u64],
 }
 
 /// What [`choose_again`] decided.
@@ -282,13 +279,18 @@ pub fn report_response(
     ch: &Chooser<'_>,
 ) {
     let e = target.endpoint();
-    if !target.failure_statuses.contains(status) {
-        ch.registry
-            .success(ch.worker, e, (status / 100) as u8, latency_us);
+    let success = |reg: &Registry| reg.success(ch.worker, e, (status / 100) as u8, latency_us);
+    if status < 500 {
+        success(ch.registry);
         return;
     }
-    table.with_route(host.as_str(), |route| {
+    // A 5xx: whether it counts as a failure is the route's to say (looked up again: only
+    // these responses pay for it, and the Target stays small).
+    let counted = table.with_route(host.as_str(), |route| {
         let c = &route.cluster;
+        if !c.spec.outlier.failure_statuses.contains(status) {
+            return false;
+        }
         let now_ms = ch.registry.now_ms();
         if ch
             .registry
@@ -297,7 +299,11 @@ pub fn report_response(
         {
             ch.registry.eject(e, &c.spec.outlier, now_ms);
         }
+        true
     });
+    if counted != Some(true) {
+        success(ch.registry);
+    }
 }
 
 /// The sticky cookie naming `id`, as a `Set-Cookie` value's parts, if the route has one.

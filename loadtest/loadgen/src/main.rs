@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  ringway-loadgen rate ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen idle ADDR HOST PATH --connections N --hold-seconds S\n  ringway-loadgen handshakes ADDR SNI PATH --connections C --seconds S\n  ringway-loadgen slow ADDR HOST PATH --connections N --seconds S --kind headers|body [--interval-ms MS]"
+        "usage:\n  ringway-loadgen rate ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen timeline ADDR HOST PATH --rate R --connections C --seconds S\n  ringway-loadgen idle ADDR HOST PATH --connections N --hold-seconds S\n  ringway-loadgen handshakes ADDR SNI PATH --connections C --seconds S\n  ringway-loadgen slow ADDR HOST PATH --connections N --seconds S --kind headers|body [--interval-ms MS]"
     );
     std::process::exit(2)
 }
@@ -140,6 +140,8 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 #[derive(Default)]
 struct Totals {
     lat_us: Vec<u32>,
+    /// Timeline mode: (due ms since start, latency us, ok) of every request.
+    events: Vec<(u32, u32, bool)>,
     errors: u64,
     connected: usize,
 }
@@ -207,21 +209,42 @@ fn main() {
                 let mut due = start + period.mul_f64(i as f64 / conns as f64);
                 let mut lat = Vec::new();
                 let mut errors = 0u64;
+                // Timeline mode: a failed request is counted and the connection opened again,
+                // and every request is kept with its due time (a failover shows over time).
+                let timeline = mode == "timeline";
+                let mut events = Vec::new();
                 while due < end {
                     let now = Instant::now();
                     if due > now {
                         monoio::time::sleep(due - now).await;
                     }
                     let (r, _) = s.write_all(req.clone()).await;
-                    if r.is_err() || !read_response(&mut s, &mut buf).await {
-                        errors += 1;
-                        break;
+                    let ok = r.is_ok() && read_response(&mut s, &mut buf).await;
+                    let us = due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    if timeline {
+                        let at_ms = due.saturating_duration_since(start).as_millis() as u32;
+                        events.push((at_ms, us, ok));
                     }
-                    lat.push(due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    if !ok {
+                        errors += 1;
+                        if !timeline {
+                            break;
+                        }
+                        match TcpStream::connect_addr(addr).await {
+                            Ok(n) => {
+                                s = n;
+                                let _ = s.set_nodelay(true);
+                            }
+                            Err(_) => monoio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    } else {
+                        lat.push(us);
+                    }
                     due += period;
                 }
                 let mut t = totals.borrow_mut();
                 t.lat_us.extend_from_slice(&lat);
+                t.events.extend_from_slice(&events);
                 t.errors += errors;
                 t.connected += 1;
             }));
@@ -263,5 +286,29 @@ fn main() {
             pct(&t.lat_us, 0.999),
             pct(&t.lat_us, 1.0)
         );
+        if a.mode == "timeline" {
+            // One line per 100 ms of due time: requests, failures, p99 latency.
+            t.events.sort_unstable();
+            let mut i = 0;
+            while i < t.events.len() {
+                let bucket = t.events[i].0 / 100;
+                let mut lats = Vec::new();
+                let mut failed = 0;
+                while i < t.events.len() && t.events[i].0 / 100 == bucket {
+                    lats.push(t.events[i].1);
+                    failed += u32::from(!t.events[i].2);
+                    i += 1;
+                }
+                lats.sort_unstable();
+                println!(
+                    "{{\"t_ms\":{},\"requests\":{},\"failed\":{},\"p99_ms\":{:.3},\"max_ms\":{:.3}}}",
+                    bucket * 100,
+                    lats.len(),
+                    failed,
+                    pct(&lats, 0.99),
+                    pct(&lats, 1.0)
+                );
+            }
+        }
     });
 }

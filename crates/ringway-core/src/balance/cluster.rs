@@ -69,8 +69,9 @@ pub struct Ask<'a> {
     pub key: u64,
     /// The endpoint the sticky cookie names.
     pub sticky: Option<u64>,
-    /// Endpoints this request already failed on.
-    pub tried: &'a [SocketAddr],
+    /// Endpoints this request already failed on, by [`Member::sticky_id`] (8 bytes each
+    /// rather than an address's 32: the exchange keeps them across its attempts).
+    pub tried: &'a [u64],
 }
 
 /// Why no endpoint was chosen.
@@ -104,7 +105,9 @@ pub struct Chosen {
     pub endpoint: EndpointRef,
     /// The response should set the sticky cookie to this (the client's cookie named none, or
     /// an endpoint that no longer takes requests).
-    pub set_sticky: Option<u64>,
+    pub set_sticky: bool,
+    /// The member's [`Member::sticky_id`] (what the cookie names; what `Ask::tried` lists).
+    pub id: u64,
     /// Chosen with health ignored (too few healthy endpoints).
     pub panic: bool,
     /// Every usable endpoint is at its connection limit: this one is the least queued.
@@ -434,7 +437,7 @@ impl Judge<'_> {
 
     fn open(&self, i: usize) -> bool {
         let m = self.member(i);
-        m.state == AdminState::Active && !self.ask.tried.contains(&m.addr)
+        m.state == AdminState::Active && !self.ask.tried.contains(&m.sticky_id)
     }
 
     fn accept(&self, i: usize) -> bool {
@@ -525,7 +528,8 @@ impl Judge<'_> {
         Chosen {
             addr: m.addr,
             endpoint: m.endpoint,
-            set_sticky: (sticky && self.ask.sticky != Some(m.sticky_id)).then_some(m.sticky_id),
+            set_sticky: sticky && self.ask.sticky != Some(m.sticky_id),
+            id: m.sticky_id,
             panic: !healthy,
             saturated: false,
         }

@@ -419,6 +419,11 @@ impl Registry {
         let old = h.checked.swap(verdict as u8, Relaxed);
         if verdict == Checked::Up && old == Checked::Down as u8 {
             h.up_since_ms.store(now_ms, Relaxed);
+            // The check saw it fail and recover: an ejection from the same outage ends now
+            // (as Envoy's successful_active_health_check_uneject_host), its growth kept.
+            if h.ejected_until_ms.load(Relaxed) > now_ms {
+                h.ejected_until_ms.store(now_ms, Relaxed);
+            }
         }
     }
 
@@ -667,6 +672,20 @@ mod tests {
         assert_eq!(reg.ramp_permille(e, 200, 1000), 100);
         assert_eq!(reg.ramp_permille(e, 700, 1000), 550);
         assert_eq!(reg.ramp_permille(e, 1200, 1000), 1000);
+        // Ejected and checked down in one outage: the check's recovery ends the ejection.
+        let o = Outlier {
+            consecutive_failures: 1,
+            ..Outlier::default()
+        };
+        assert!(reg.failure(0, e, FailKind::ConnectRefused, &o, 2_000));
+        assert!(reg.eject(e, &o, 2_000));
+        reg.set_checked(e.index, Checked::Down, 2_100);
+        reg.set_checked(e.index, Checked::Up, 2_500);
+        assert!(reg.healthy(e, 2_500), "unejected by the check");
+        // A check that never saw it down leaves a passive ejection alone.
+        assert!(reg.failure(0, e, FailKind::ConnectRefused, &o, 3_000) && reg.eject(e, &o, 3_000));
+        reg.set_checked(e.index, Checked::Up, 3_100);
+        assert!(!reg.healthy(e, 3_100));
     }
 
     #[test]

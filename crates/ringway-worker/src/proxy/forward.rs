@@ -46,21 +46,22 @@ pub(super) struct Sent<'a> {
 /// How often a request waiting at a connection limit looks for room.
 const SATURATED_RECHECK: Duration = Duration::from_millis(1);
 
-/// Endpoints one request was sent to, in order (the first attempt and its retries).
+/// Endpoints one request was sent to, in order (the first attempt and its retries), by
+/// their member ids.
 struct Tried {
-    addrs: [SocketAddr; RETRIES_MAX as usize + 1],
+    addrs: [u64; RETRIES_MAX as usize + 1],
     len: usize,
 }
 
 impl Tried {
-    fn new(first: SocketAddr) -> Self {
+    fn new(first: u64) -> Self {
         Self {
             addrs: [first; RETRIES_MAX as usize + 1],
             len: 1,
         }
     }
 
-    fn push(&mut self, a: SocketAddr) {
+    fn push(&mut self, a: u64) {
         debug_assert!(
             self.len < self.addrs.len(),
             "retries_max is at most RETRIES_MAX"
@@ -71,7 +72,7 @@ impl Tried {
         }
     }
 
-    fn as_slice(&self) -> &[SocketAddr] {
+    fn as_slice(&self) -> &[u64] {
         &self.addrs[..self.len]
     }
 }
@@ -98,18 +99,19 @@ pub(super) async fn run<S: ClientIo>(
     if first.saturated {
         wait_for_room(w, ex, target).await?;
     }
-    let Ok(first) = target.pick else {
+    let Ok(first) = target.pick.map(|c| c.id) else {
         return Err(ProxyError::upstream(ErrorKind::Saturated));
     };
-    let mut tried = Tried::new(first.addr);
+    let mut tried = Tried::new(first);
     let resendable = req.method.is_idempotent() && req.meta.framing == BodyFraming::None;
     loop {
-        let Ok(chosen) = target.pick else {
+        // Only the address is held across the attempt (the exchange future's size counts).
+        let Some(addr) = target.upstream() else {
             return Err(ProxyError::upstream(ErrorKind::ConnectRefused));
         };
         begin_lease(w, ex, target);
         let started = Instant::now();
-        match attempt(w, c, req, target, ex, bufs, chosen.addr, &mut sent).await {
+        match attempt(w, c, req, target, ex, bufs, addr, &mut sent).await {
             Ok(up) => {
                 let status = status_of(&bufs.ubuf.buf);
                 let latency_us = started.elapsed().as_micros() as u64;
@@ -121,8 +123,10 @@ pub(super) async fn run<S: ClientIo>(
                     latency_us,
                     &w.chooser(),
                 );
-                if let Some(id) = chosen.set_sticky {
-                    set_sticky(w, ex, id, S::TLS);
+                if let Ok(c) = target.pick
+                    && c.set_sticky
+                {
+                    set_sticky(w, ex, c.id, S::TLS);
                 }
                 return Ok(up);
             }
@@ -151,7 +155,7 @@ pub(super) async fn run<S: ClientIo>(
                     Again::Retry(next) => {
                         w.stats.upstream_retries.inc();
                         w.route_event(target.stats, RouteEvent::Retry);
-                        tried.push(next.addr);
+                        tried.push(next.id);
                         target.pick = Ok(next);
                         bufs.ubuf.buf.clear();
                         bufs.ubuf.pos = 0;
