@@ -6,7 +6,7 @@
 //! shared health of the endpoints it looks at and this worker's load; it takes no lock and
 //! allocates nothing.
 
-use super::hash::{MAGLEV_SIZE, maglev, smooth_schedule, stable_hash};
+use super::hash::{MAGLEV_SIZE, maglev, mix, smooth_schedule, stable_hash};
 use super::registry::{EndpointRef, Registry};
 use super::spec::{AdminState, ClusterSpec, Strategy};
 use std::cell::Cell;
@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Maglev entries a hash choice probes past unusable endpoints before scanning the members.
 const MAGLEV_PROBES_MAX: usize = 64;
+
+/// Draws from the static weights before a weighted choice scans every member.
+const PICK_DRAWS_MAX: usize = 4;
 
 /// Decorrelates the second draw of power of two choices from the first.
 const SECOND_DRAW_SALT: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -123,6 +126,8 @@ pub struct Cluster {
     schedule: Box<[u8]>,
     /// Maglev table over the active members (hash strategy only).
     table: Box<[u8]>,
+    /// Running sums of the members' weights (0 for members not active): weighted draws.
+    cumulative: Box<[u32]>,
     slots: Box<[WorkerSlot]>,
     /// The route's statistics slot.
     pub stats: u32,
@@ -182,11 +187,22 @@ impl Cluster {
         } else {
             Box::new([])
         };
+        let mut sum = 0u32;
+        let cumulative = members
+            .iter()
+            .map(|m| {
+                if m.state == AdminState::Active {
+                    sum = sum.saturating_add(m.weight);
+                }
+                sum
+            })
+            .collect();
         Self {
             spec,
             members: members.into(),
             schedule,
             table,
+            cumulative,
             slots,
             stats,
             unresolved,
@@ -321,8 +337,27 @@ impl Cluster {
         self.weighted_pick(j, j.ask.rand, None)
     }
 
-    /// An acceptable member other than `skip`, drawn with `rand` in proportion to weight.
+    /// An acceptable member other than `skip`, drawn with `rand` in proportion to weight
+    /// (scaled by slow start). A few draws from the static weights first, rejecting what is
+    /// not acceptable (O(log n) when the route is healthy); then an exact scan.
     fn weighted_pick(&self, j: &Judge<'_>, rand: u64, skip: Option<usize>) -> Option<usize> {
+        let total = u64::from(self.cumulative.last().copied().unwrap_or(0));
+        if total > 0 {
+            let mut bits = rand;
+            for _ in 0..PICK_DRAWS_MAX {
+                let r = (bits % total) as u32;
+                bits = mix(bits);
+                let i = self.cumulative.partition_point(|&c| c <= r);
+                if Some(i) == skip || !j.accept(i) || (bits % 1000) as u32 >= j.ramp(i) {
+                    continue;
+                }
+                return Some(i);
+            }
+        }
+        self.weighted_scan(j, rand, skip)
+    }
+
+    fn weighted_scan(&self, j: &Judge<'_>, rand: u64, skip: Option<usize>) -> Option<usize> {
         let eligible = |i: &usize| Some(*i) != skip && j.accept(*i);
         let total: u64 = (0..self.members.len())
             .filter(eligible)
