@@ -287,8 +287,29 @@ fn main() {
             pct(&t.lat_us, 1.0)
         );
         if a.mode == "timeline" {
-            // One line per 100 ms of due time: requests, failures, p99 latency.
             t.events.sort_unstable();
+            // LOADGEN_WINDOW_MS=A-B: one more line for requests due in [A, B) ms.
+            if let Some((lo, hi)) = std::env::var("LOADGEN_WINDOW_MS")
+                .ok()
+                .and_then(|w| {
+                    let (a, b) = w.split_once('-')?;
+                    Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+                })
+            {
+                let win: Vec<&(u32, u32, bool)> =
+                    t.events.iter().filter(|e| e.0 >= lo && e.0 < hi).collect();
+                let mut lats: Vec<u32> = win.iter().map(|e| e.1).collect();
+                lats.sort_unstable();
+                println!(
+                    "{{\"window_ms\":[{lo},{hi}],\"requests\":{},\"failed\":{},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"max_ms\":{:.3}}}",
+                    win.len(),
+                    win.iter().filter(|e| !e.2).count(),
+                    pct(&lats, 0.5),
+                    pct(&lats, 0.99),
+                    pct(&lats, 1.0)
+                );
+            }
+            // One line per 100 ms of due time: requests, failures, p99 latency.
             let mut i = 0;
             while i < t.events.len() {
                 let bucket = t.events[i].0 / 100;

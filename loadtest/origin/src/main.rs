@@ -5,8 +5,9 @@
 //! - `GET /bytes/N`: N bytes of body (e.g. `/bytes/1048576` for the 1 MiB scenario);
 //! - `POST`/`PUT` anything: reads the body (Content-Length or chunked, not validated beyond
 //!   what is needed to find its end) and answers with its size;
-//! - `GET /__stats`: connections accepted and requests answered so far (the load test derives
-//!   upstream connections per 1,000 requests from it).
+//! - `GET /__stats`: connections accepted and requests answered so far, not counting `/__*`
+//!   requests (the load test derives upstream connections per 1,000 requests from it; the
+//!   failover test tells proxied requests from health checks of `/__health` by it).
 //!
 //! It is built to never be the bottleneck of a proxy benchmark, not to be a correct server.
 
@@ -205,7 +206,11 @@ async fn serve(mut s: TcpStream) {
                 .unwrap_or(SMALL.len())
         };
         let mut head = Vec::with_capacity(256);
-        REQUESTS.fetch_add(1, Ordering::Relaxed);
+        // Its own stats and health checks (`/__*`) are not counted: the failover test tells
+        // proxied traffic from probes by this.
+        if !path.starts_with("/__") {
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
+        }
         let body_small: Vec<u8> = if path == "/__stats" {
             format!(
                 "connections={} requests={}\n",
