@@ -39,6 +39,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import cpu_ticks, proc_tree  # noqa: E402  (the same CPU accounting as run.sh)
+
 LT = Path(__file__).resolve().parent
 REL = LT.parent / "target" / "release"
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
@@ -110,29 +113,6 @@ def start_origin(port, listen="127.0.0.1"):
     if not wait_port(port):
         raise RuntimeError(f"origin {port} did not start")
     return p
-
-
-def proc_tree(pid):
-    out = [pid]
-    try:
-        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    except OSError:
-        kids = []
-    for k in kids:
-        out += proc_tree(int(k))
-    return out
-
-
-def cpu_ticks(pids):
-    t = 0
-    for pid in pids:
-        try:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                t += int(f[11]) + int(f[12])
-        except OSError:
-            pass
-    return t
 
 
 def write_configs(work):
