@@ -285,9 +285,14 @@ impl Binder {
             .map(|(k, _)| k.clone())
             .take(RESOLUTIONS_PER_STEP_MAX)
             .collect();
+        // All at once: one name that does not answer costs one timeout, not one per name.
+        let results = futures_util::future::join_all(
+            due.iter()
+                .map(|(host, port)| self.resolver.resolve(host, *port)),
+        )
+        .await;
         let mut changed = HashSet::new();
-        for (host, port) in due {
-            let got = self.resolver.resolve(&host, port).await;
+        for ((host, port), got) in due.into_iter().zip(results) {
             if self.store_resolution(&host, port, got) {
                 changed.insert((host, port));
             }
@@ -342,12 +347,15 @@ impl Binder {
                 self.registry.set_no_pool(i as u32, !active[i]);
             }
         }
+        let reg = self.registry.clone();
         self.checkers.retain(|i, c| {
             let keep = want
                 .get(i)
                 .is_some_and(|(a, h)| *a == c.addr && *h == c.spec);
             if !keep {
                 c.task.abort();
+                // No check any more: its last verdict must not keep the endpoint down.
+                reg.set_checked(*i, Checked::Unknown, reg.now_ms());
             }
             keep
         });

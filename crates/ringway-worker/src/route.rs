@@ -36,6 +36,10 @@ pub struct Target {
     pub pending_max: u32,
     /// The route's statistics slot.
     pub stats: u32,
+    /// Which cluster chose (its address): a later lookup by host that finds another route
+    /// (the host was removed or moved, and a wildcard or the default now matches) must not
+    /// send a retry to that route's endpoints.
+    pub cluster: usize,
 }
 
 impl Target {
@@ -150,8 +154,27 @@ pub fn resolve(
             per_try_ms: spec.retry.per_try_timeout_ms.unwrap_or(0),
             pending_max: spec.limits.pending_max,
             stats: c.stats,
+            cluster: cluster_id(route),
         }
     })
+}
+
+fn cluster_id(route: &Route) -> usize {
+    std::sync::Arc::as_ptr(&route.cluster) as usize
+}
+
+/// `f` on the route `t` was chosen from, if the host still leads to it.
+fn same_route<R>(
+    table: &RouteTable,
+    host: &HostName,
+    t: &Target,
+    f: impl FnOnce(&Route) -> R,
+) -> Option<R> {
+    table
+        .with_route(host.as_str(), |route| {
+            (cluster_id(route) == t.cluster).then(|| f(route))
+        })
+        .flatten()
 }
 
 /// The request's hash key; an absent header or cookie falls back to the client address.
@@ -208,7 +231,9 @@ pub fn choose_again(
     f: Failed<'_>,
     ch: &Chooser<'_>,
 ) -> Again {
-    let r = table.with_route(host.as_str(), |route| again(route, stats, target, f, ch));
+    let r = same_route(table, host, target, |route| {
+        again(route, stats, target, f, ch)
+    });
     r.unwrap_or(Again::Stop { refused: false })
 }
 
@@ -239,7 +264,12 @@ fn again(route: &Route, stats: &RouteStats, t: &Target, f: Failed<'_>, ch: &Choo
         sticky: None,
         tried: f.tried,
     };
-    let Ok(next) = c.choose(reg, &ask) else {
+    // An endpoint at its connection limit is no place for a retry.
+    let Ok(next) = c
+        .choose(reg, &ask)
+        .map_err(|_| ())
+        .and_then(|n| if n.saturated { Err(()) } else { Ok(n) })
+    else {
         return Again::Stop { refused: false };
     };
     if !c.allow_retry(ch.worker, now_ms) {
@@ -255,7 +285,7 @@ pub fn choose_fresh(
     t: &Target,
     ch: &Chooser<'_>,
 ) -> Option<Chosen> {
-    table.with_route(host.as_str(), |route| {
+    same_route(table, host, t, |route| {
         let ask = Ask {
             worker: ch.worker,
             now_ms: ch.registry.now_ms(),
@@ -286,7 +316,7 @@ pub fn report_response(
     }
     // A 5xx: whether it counts as a failure is the route's to say (looked up again: only
     // these responses pay for it, and the Target stays small).
-    let counted = table.with_route(host.as_str(), |route| {
+    let counted = same_route(table, host, target, |route| {
         let c = &route.cluster;
         if !c.spec.outlier.failure_statuses.contains(status) {
             return false;
@@ -310,28 +340,29 @@ pub fn report_response(
 pub fn sticky_cookie(
     table: &RouteTable,
     host: &HostName,
+    t: &Target,
     id: u64,
     tls: bool,
     out: &mut Vec<u8>,
 ) -> bool {
-    table
-        .with_route(host.as_str(), |route| {
-            let Some(s) = &route.cluster.spec.sticky else {
-                return false;
-            };
-            out.extend_from_slice(s.cookie.as_bytes());
-            out.push(b'=');
-            let hex = format!("{id:016x}");
-            out.extend_from_slice(hex.as_bytes());
-            out.extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax");
-            if let Some(age) = s.max_age_s {
-                out.extend_from_slice(b"; Max-Age=");
-                ringway_proto::write::push_u64(out, u64::from(age));
-            }
-            if tls {
-                out.extend_from_slice(b"; Secure");
-            }
-            true
-        })
-        .unwrap_or(false)
+    same_route(table, host, t, |route| {
+        let Some(s) = &route.cluster.spec.sticky else {
+            return false;
+        };
+        out.extend_from_slice(s.cookie.as_bytes());
+        out.push(b'=');
+        for shift in (0..16).rev() {
+            out.push(b"0123456789abcdef"[((id >> (shift * 4)) & 0xf) as usize]);
+        }
+        out.extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax");
+        if let Some(age) = s.max_age_s {
+            out.extend_from_slice(b"; Max-Age=");
+            ringway_proto::write::push_u64(out, u64::from(age));
+        }
+        if tls {
+            out.extend_from_slice(b"; Secure");
+        }
+        true
+    })
+    .unwrap_or(false)
 }

@@ -111,7 +111,8 @@ pub(super) async fn run<S: ClientIo>(
         };
         begin_lease(w, ex, target);
         let started = Instant::now();
-        match attempt(w, c, req, target, ex, bufs, addr, &mut sent).await {
+        let mut on_pooled = false;
+        match attempt(w, c, req, target, ex, bufs, addr, &mut sent, &mut on_pooled).await {
             Ok(up) => {
                 let status = status_of(&bufs.ubuf.buf);
                 let latency_us = started.elapsed().as_micros() as u64;
@@ -126,7 +127,7 @@ pub(super) async fn run<S: ClientIo>(
                 if let Ok(c) = target.pick
                     && c.set_sticky
                 {
-                    set_sticky(w, ex, c.id, S::TLS);
+                    set_sticky(w, ex, target, c.id, S::TLS);
                 }
                 return Ok(up);
             }
@@ -139,8 +140,11 @@ pub(super) async fn run<S: ClientIo>(
                     e.kind,
                     ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout
                 );
+                // A pooled connection that failed before any response byte is the keep-alive
+                // race (the upstream closed it as it was reused), not the endpoint's fault.
+                let race = on_pooled && e.retry_safe && e.kind != ErrorKind::Timeout;
                 let f = Failed {
-                    kind: fail_kind(e.kind),
+                    kind: if race { None } else { fail_kind(e.kind) },
                     retry: connect_failed || (e.retry_safe && resendable),
                     tried: tried.as_slice(),
                 };
@@ -242,9 +246,9 @@ fn status_of(buf: &[u8]) -> u16 {
 }
 
 /// The response will set the route's sticky cookie to endpoint `id`.
-fn set_sticky(w: &Worker, ex: &mut Exchange, id: u64, tls: bool) {
+fn set_sticky(w: &Worker, ex: &mut Exchange, target: &Target, id: u64, tls: bool) {
     let mut v = Vec::with_capacity(96);
-    if route::sticky_cookie(&w.routes, &ex.host, id, tls, &mut v) {
+    if route::sticky_cookie(&w.routes, &ex.host, target, id, tls, &mut v) {
         ex.ids.push_set_cookie(&v);
     }
 }
@@ -261,6 +265,7 @@ async fn attempt<S: ClientIo>(
     bufs: &mut super::Bufs,
     addr: SocketAddr,
     sent: &mut Sent<'_>,
+    on_pooled: &mut bool,
 ) -> Result<Timed<TcpStream>, ProxyError> {
     let super::Bufs { out, ubuf } = bufs;
     let has_body = req.meta.framing != BodyFraming::None;
@@ -276,6 +281,7 @@ async fn attempt<S: ClientIo>(
     loop {
         ex.contacted = true;
         let (mut up, reused) = connect(w, addr, kind).await?;
+        *on_pooled = reused;
         let r = if has_body {
             send_body(w, c, req, target, ex, out, &mut up, sent.pace, sent.body).await
         } else {
