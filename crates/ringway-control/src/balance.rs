@@ -323,11 +323,15 @@ impl Binder {
     /// Walks the table: checks started and stopped, draining marked, slots swept.
     fn reconcile(&mut self, table: &RouteTable) {
         self.dirty = false;
+        // Names no route uses any more (incremental removals) stop being resolved.
+        let used_names: HashSet<(Box<str>, u16)> =
+            self.named.values().flat_map(|r| names_of(r)).collect();
+        self.names.retain(|k, _| used_names.contains(k));
         self.reconciled_at = Some(Instant::now());
         let mut used = vec![false; self.registry.capacity()];
         let mut active = vec![false; self.registry.capacity()];
         let mut routes_used = HashSet::new();
-        let mut want: HashMap<u32, (SocketAddr, HealthCheck)> = HashMap::new();
+        let mut want: HashMap<u32, (Box<str>, SocketAddr, HealthCheck)> = HashMap::new();
         table.for_each(|_, r| {
             routes_used.insert(r.cluster.stats);
             for m in r.cluster.members() {
@@ -336,9 +340,15 @@ impl Binder {
                 };
                 used[i] = true;
                 active[i] |= m.state == AdminState::Active;
+                // Routes sharing an endpoint with different checks: the check of the route
+                // with the first name, whatever order the walk takes (so it never flips).
                 if let Some(h) = &r.cluster.spec.health_check {
-                    want.entry(m.endpoint.index)
-                        .or_insert_with(|| (m.addr, h.clone()));
+                    let e = want
+                        .entry(m.endpoint.index)
+                        .or_insert_with(|| (r.name.clone(), m.addr, h.clone()));
+                    if r.name < e.0 {
+                        *e = (r.name.clone(), m.addr, h.clone());
+                    }
                 }
             }
         });
@@ -351,7 +361,7 @@ impl Binder {
         self.checkers.retain(|i, c| {
             let keep = want
                 .get(i)
-                .is_some_and(|(a, h)| *a == c.addr && *h == c.spec);
+                .is_some_and(|(_, a, h)| *a == c.addr && *h == c.spec);
             if !keep {
                 c.task.abort();
                 // No check any more: its last verdict must not keep the endpoint down.
@@ -359,7 +369,7 @@ impl Binder {
             }
             keep
         });
-        for (i, (addr, spec)) in want {
+        for (i, (_, addr, spec)) in want {
             if self.checkers.contains_key(&i) {
                 continue;
             }

@@ -248,8 +248,8 @@ fn again(route: &Route, stats: &RouteStats, t: &Target, f: Failed<'_>, ch: &Choo
             t.stats,
             ringway_core::balance::stats::RouteEvent::Failure(kind),
         );
-        if reg.failure(ch.worker, e, kind, &c.spec.outlier, now_ms) && c.may_eject(reg, e, now_ms) {
-            reg.eject(e, &c.spec.outlier, now_ms);
+        if reg.failure(ch.worker, e, kind, &c.spec.outlier, now_ms) {
+            c.eject(reg, e, now_ms);
         }
     }
     if !f.retry || f.tried.len() > usize::from(t.retries_max) {
@@ -325,9 +325,8 @@ pub fn report_response(
         if ch
             .registry
             .failure(ch.worker, e, FailKind::Status, &c.spec.outlier, now_ms)
-            && c.may_eject(ch.registry, e, now_ms)
         {
-            ch.registry.eject(e, &c.spec.outlier, now_ms);
+            c.eject(ch.registry, e, now_ms);
         }
         true
     });

@@ -435,6 +435,22 @@ impl Cluster {
         ((now_ms % len) * 1000 / len) as u32
     }
 
+    /// Ejects `e` if that keeps the route within its maximum ejected share. Workers decide
+    /// this at the same time: after its own ejection each looks again, and takes it back if
+    /// others' made the share too large (both may take theirs back; the next failures
+    /// eject again, one at a time).
+    pub fn eject(&self, reg: &Registry, e: EndpointRef, now_ms: u64) -> bool {
+        let o = &self.spec.outlier;
+        if !self.may_eject(reg, e, now_ms) || !reg.eject(e, o, now_ms) {
+            return false;
+        }
+        if self.may_eject(reg, e, now_ms) {
+            return true;
+        }
+        reg.uneject(e, now_ms);
+        false
+    }
+
     /// Whether ejecting `e` keeps the route within its maximum ejected share (one endpoint
     /// may always be ejected).
     pub fn may_eject(&self, reg: &Registry, e: EndpointRef, now_ms: u64) -> bool {

@@ -411,6 +411,16 @@ impl Registry {
         true
     }
 
+    /// Takes back an ejection of `e` made at `now_ms` (the route's ejected share turned out
+    /// too large).
+    pub fn uneject(&self, e: EndpointRef, now_ms: u64) {
+        if let Some(h) = self.health_of(e)
+            && h.ejected_until_ms.load(Relaxed) > now_ms
+        {
+            h.ejected_until_ms.store(now_ms, Relaxed);
+        }
+    }
+
     /// The control thread's active check verdict on slot `index`.
     pub fn set_checked(&self, index: u32, verdict: Checked, now_ms: u64) {
         let Some(h) = self.health.get(index as usize) else {

@@ -273,6 +273,15 @@ fn ejected_share_is_capped() {
         }
     }
     assert_eq!(ejected, 2);
+    // The same as one call, `Cluster::eject`: of three, one may be ejected, a second not.
+    let c = fx.cluster(&[1, 1, 1], |s| s.outlier.max_ejected_pct = 50);
+    let (a, b) = (c.members()[0].endpoint, c.members()[1].endpoint);
+    assert!(c.eject(&fx.reg, a, 100_000));
+    assert!(!c.eject(&fx.reg, b, 100_000));
+    assert!(!fx.reg.healthy(a, 100_000) && fx.reg.healthy(b, 100_000));
+    // What a worker does when a racing ejection made the share too large: take its own back.
+    fx.reg.uneject(a, 100_001);
+    assert!(fx.reg.healthy(a, 100_001));
 }
 
 #[test]
