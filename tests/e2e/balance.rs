@@ -143,9 +143,15 @@ fn a_killed_upstream_fails_over_with_no_failed_request_and_is_readmitted() {
         .unwrap_or(0)
         > before_restart + 20));
     let (ok, failed, _) = load.finish();
+    let why: Vec<String> = p
+        .access_log()
+        .iter()
+        .filter(|l| l["status"] != 200)
+        .map(|l| format!("{} {} {}", l["status"], l["reason"], l["upstream"]))
+        .collect();
     assert!(
         failed.is_empty(),
-        "{} failed of {}: {:?}",
+        "{} failed of {} ({why:?}): {:?}",
         failed.len(),
         ok,
         &failed[..failed.len().min(5)]

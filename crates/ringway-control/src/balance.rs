@@ -16,7 +16,7 @@ use ringway_core::RouteTable;
 use ringway_core::balance::registry::{SLOT_QUARANTINE_MS, assign_endpoint};
 use ringway_core::balance::spec::{AdminState, CheckKind, HealthCheck, UpstreamAddr};
 use ringway_core::balance::stats::RouteStats;
-use ringway_core::balance::{Checked, Cluster, Member, Registry, Slots};
+use ringway_core::balance::{Checked, Cluster, ClusterSpec, Member, Registry, Slots};
 use ringway_core::route::{Route, RouteSet};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -83,6 +83,10 @@ pub struct Binder {
     /// addresses change).
     named: HashMap<String, Arc<Route>>,
     checkers: HashMap<u32, Checker>,
+    /// Built clusters by settings and statistics slot (reused while nothing changes), and
+    /// those of the previous full set while a new one is bound.
+    clusters: HashMap<(Arc<ClusterSpec>, u32), Arc<Cluster>>,
+    previous: HashMap<(Arc<ClusterSpec>, u32), Arc<Cluster>>,
     /// Ejections seen per endpoint slot (to log new ones).
     ejections: Vec<u64>,
     dirty: bool,
@@ -116,6 +120,8 @@ impl Binder {
             names: HashMap::new(),
             named: HashMap::new(),
             checkers: HashMap::new(),
+            clusters: HashMap::new(),
+            previous: HashMap::new(),
             ejections: vec![0; limits.endpoints_max],
             dirty: true,
             reconciled_at: None,
@@ -126,6 +132,8 @@ impl Binder {
     /// Binds every route of `set` (routes shared by several patterns stay shared).
     pub fn bind_set(&mut self, set: &RouteSet) -> RouteSet {
         self.named.clear();
+        // Clusters of the last set may be reused; those this set does not use are dropped.
+        self.previous = std::mem::take(&mut self.clusters);
         let mut memo: HashMap<*const Route, Arc<Route>> = HashMap::new();
         let mut out = RouteSet::default();
         for (pattern, r) in &set.hosts {
@@ -140,6 +148,7 @@ impl Binder {
         let used: HashSet<(Box<str>, u16)> =
             self.named.values().flat_map(|r| names_of(r)).collect();
         self.names.retain(|k, _| used.contains(k));
+        self.previous.clear();
         self.dirty = true;
         out
     }
@@ -222,11 +231,47 @@ impl Binder {
                 s.index
             },
         );
-        let cluster = Cluster::build(spec, members, self.workers, slot, unresolved);
         Arc::new(Route {
-            cluster: Arc::new(cluster),
+            cluster: self.cluster(spec, members, slot, unresolved),
             ..(**r).clone()
         })
+    }
+
+    /// The cluster for these settings and endpoints: the one already built if nothing
+    /// changed (a reload of a million routes does not rebuild their round-robin orders and
+    /// Maglev tables, and routes keep their cursors and budgets), else a new one.
+    fn cluster(
+        &mut self,
+        spec: Arc<ClusterSpec>,
+        members: Vec<Member>,
+        slot: u32,
+        unresolved: u16,
+    ) -> Arc<Cluster> {
+        let key = (spec, slot);
+        let kept = || {
+            members
+                .iter()
+                .filter(|m| m.state != AdminState::Disabled)
+                .take(ringway_core::balance::spec::MEMBERS_MAX)
+        };
+        let same = |c: &Arc<Cluster>| c.unresolved == unresolved && c.members().iter().eq(kept());
+        if let Some(c) = self.clusters.get(&key).filter(|c| same(c)) {
+            return c.clone();
+        }
+        if let Some(c) = self.previous.get(&key).filter(|c| same(c)) {
+            let c = c.clone();
+            self.clusters.insert(key, c.clone());
+            return c;
+        }
+        let c = Arc::new(Cluster::build(
+            key.0.clone(),
+            members,
+            self.workers,
+            slot,
+            unresolved,
+        ));
+        self.clusters.insert(key, c.clone());
+        c
     }
 
     /// Resolves names at once, blocking (start-up, before the workers serve), and re-binds
@@ -814,4 +859,68 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringway_core::balance::spec::UpstreamSpec;
+
+    fn set(weight: u32) -> RouteSet {
+        let mut spec = ClusterSpec::of_addrs(&["10.0.0.1:80".parse().unwrap()]);
+        let mut ups: Vec<UpstreamSpec> = spec.upstreams.to_vec();
+        ups.push(UpstreamSpec {
+            weight,
+            ..UpstreamSpec::new("10.0.0.2:80".parse().unwrap())
+        });
+        spec.upstreams = ups.into();
+        let route = Arc::new(Route {
+            name: "app".into(),
+            project_id: 1,
+            environment_id: 1,
+            deployment_id: 1,
+            cluster: Arc::new(Cluster::unbound(spec)),
+            body_bytes_max: None,
+            redirect_https: false,
+            hsts: None,
+        });
+        let mut s = RouteSet::default();
+        s.hosts.insert("a.test".into(), route.clone());
+        s.hosts.insert("b.test".into(), route);
+        s
+    }
+
+    #[test]
+    fn unchanged_routes_keep_their_cluster_and_changed_ones_get_a_new_one() {
+        let limits = BalanceLimits {
+            endpoints_max: 64,
+            route_series_max: 8,
+            dns_refresh: Duration::from_secs(30),
+        };
+        let mut b = Binder::new(limits, 2, Resolver::default());
+        let first = b.bind_set(&set(1));
+        let again = b.bind_set(&set(1));
+        let (c1, c2) = (
+            &first.hosts["a.test"].cluster,
+            &again.hosts["a.test"].cluster,
+        );
+        assert!(
+            Arc::ptr_eq(c1, c2),
+            "a reload that changes nothing rebuilds nothing"
+        );
+        assert!(
+            Arc::ptr_eq(c1, &again.hosts["b.test"].cluster),
+            "patterns share their route"
+        );
+        assert!(c1.members().iter().all(|m| m.endpoint.tracked()));
+        let changed = b.bind_set(&set(3));
+        let c3 = &changed.hosts["a.test"].cluster;
+        assert!(!Arc::ptr_eq(c1, c3));
+        assert_eq!(c3.members()[1].weight, 3);
+        assert_eq!(
+            c3.members()[0].endpoint,
+            c1.members()[0].endpoint,
+            "same address, same slot"
+        );
+    }
 }
