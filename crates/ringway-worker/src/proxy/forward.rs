@@ -291,7 +291,9 @@ async fn attempt<S: ClientIo>(
                 .write_range(std::mem::take(out), 0, len, w.settings.upstream_write)
                 .await;
             *out = b;
-            r.map_err(|e| e.on(Side::Upstream))
+            // Nothing can have been answered yet: an idempotent request may go elsewhere (a
+            // connection the upstream accepted and then reset as it died, say).
+            r.map_err(|e| e.on(Side::Upstream).retry_safe(true))
         };
         let may_retry = reused && retryable && kind == Attempt::Pooled;
         match r {
