@@ -109,10 +109,16 @@ pub fn resolve(
         let spec = &c.spec;
         let mut cookies: [&[u8]; COOKIE_HEADERS_MAX] = [b""; COOKIE_HEADERS_MAX];
         let mut n = 0;
+        // Only a sticky cookie or a cookie hash key needs them: most routes skip the scan.
+        let wants_cookies = spec.sticky.is_some()
+            || matches!(
+                spec.strategy,
+                ringway_core::balance::Strategy::Hash(HashKey::Cookie(_))
+            );
         for h in r
             .headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .filter(|h| wants_cookies && h.name.eq_ignore_ascii_case("cookie"))
         {
             if n < COOKIE_HEADERS_MAX {
                 cookies[n] = h.value;
@@ -306,12 +312,13 @@ pub fn report_response(
     target: &Target,
     status: u16,
     latency_us: u64,
-    ch: &Chooser<'_>,
+    reg: &Registry,
+    worker: usize,
 ) {
     let e = target.endpoint();
-    let success = |reg: &Registry| reg.success(ch.worker, e, (status / 100) as u8, latency_us);
+    let success = |reg: &Registry| reg.success(worker, e, (status / 100) as u8, latency_us);
     if status < 500 {
-        success(ch.registry);
+        success(reg);
         return;
     }
     // A 5xx: whether it counts as a failure is the route's to say (looked up again: only
@@ -321,17 +328,14 @@ pub fn report_response(
         if !c.spec.outlier.failure_statuses.contains(status) {
             return false;
         }
-        let now_ms = ch.registry.now_ms();
-        if ch
-            .registry
-            .failure(ch.worker, e, FailKind::Status, &c.spec.outlier, now_ms)
-        {
-            c.eject(ch.registry, e, now_ms);
+        let now_ms = reg.now_ms();
+        if reg.failure(worker, e, FailKind::Status, &c.spec.outlier, now_ms) {
+            c.eject(reg, e, now_ms);
         }
         true
     });
     if counted != Some(true) {
-        success(ch.registry);
+        success(reg);
     }
 }
 

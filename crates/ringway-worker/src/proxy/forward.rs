@@ -122,7 +122,8 @@ pub(super) async fn run<S: ClientIo>(
                     target,
                     status,
                     latency_us,
-                    &w.chooser(),
+                    &w.registry,
+                    w.id,
                 );
                 if let Ok(c) = target.pick
                     && c.set_sticky
