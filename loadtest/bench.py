@@ -300,7 +300,14 @@ http {{
       proxy_set_header X-Forwarded-Proto $scheme;
       proxy_set_header X-Forwarded-Host $host;
       proxy_set_header X-Request-ID $request_id;
-      proxy_buffering off;
+      # Response buffers sized for the largest body of the scenarios (1 MiB: 64 x 16 KiB),
+      # as an operator tunes nginx for such bodies; never to disk. (`proxy_buffering off`
+      # makes nginx copy in small reads and once made a 1.5x lead read 2.9x.)
+      proxy_buffering on;
+      proxy_buffer_size 16k;
+      proxy_buffers 64 16k;
+      proxy_busy_buffers_size 64k;
+      proxy_max_temp_file_size 0;
       proxy_request_buffering off;
       add_header X-Content-Type-Options nosniff;
       add_header X-Frame-Options SAMEORIGIN;
