@@ -476,6 +476,12 @@ fn a_draining_upstream_gets_no_new_requests_and_finishes_its_own() {
         at_drain,
         "no new requests to a draining upstream"
     );
+    // Its connections are not kept: the pool closes them within a sweep (1 s).
+    assert!(
+        eventually(Duration::from_secs(3), || bs[0].open_connections() == 0),
+        "{} connections still open to the draining upstream",
+        bs[0].open_connections()
+    );
 }
 
 #[test]

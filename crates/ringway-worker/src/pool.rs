@@ -37,6 +37,9 @@ struct Idle<C> {
 #[derive(Debug)]
 pub struct Pool<C> {
     idle: HashMap<SocketAddr, VecDeque<Idle<C>>, RandomState>,
+    /// What the caller said each address belongs to at its last checkin (the load
+    /// balancer's endpoint): `sweep` drops the connections of tags it no longer keeps.
+    tags: HashMap<SocketAddr, u64, RandomState>,
     per_upstream_max: usize,
     idle_timeout: Duration,
     idle_total: usize,
@@ -67,6 +70,7 @@ impl<C: AsRawFd> Pool<C> {
     pub fn new(per_upstream_max: usize, idle_timeout: Duration) -> Self {
         Self {
             idle: HashMap::with_hasher(RandomState::default()),
+            tags: HashMap::with_hasher(RandomState::default()),
             per_upstream_max,
             idle_timeout,
             idle_total: 0,
@@ -104,8 +108,16 @@ impl<C: AsRawFd> Pool<C> {
     /// Returns a connection that finished an exchange cleanly. Past the idle cap the oldest
     /// idle connection to that address is closed.
     pub fn checkin(&mut self, addr: SocketAddr, stream: C, now: Instant) {
+        self.checkin_tagged(addr, u64::MAX, stream, now);
+    }
+
+    /// `checkin`, naming what `addr` belongs to (see `sweep`).
+    pub fn checkin_tagged(&mut self, addr: SocketAddr, tag: u64, stream: C, now: Instant) {
         if self.per_upstream_max == 0 {
             return;
+        }
+        if self.tags.get(&addr) != Some(&tag) {
+            self.tags.insert(addr, tag);
         }
         let q = self.idle.entry(addr).or_default();
         if q.len() >= self.per_upstream_max {
@@ -116,11 +128,17 @@ impl<C: AsRawFd> Pool<C> {
         self.idle_total += 1;
     }
 
-    /// Closes connections idle for longer than the timeout and forgets empty addresses.
-    pub fn sweep(&mut self, now: Instant) {
+    /// Closes connections idle for longer than the timeout, and every connection of an
+    /// address whose tag `keep` refuses (a draining endpoint); forgets empty addresses.
+    pub fn sweep(&mut self, now: Instant, keep: impl Fn(u64) -> bool) {
         let timeout = self.idle_timeout;
         let mut closed = 0;
-        self.idle.retain(|_, q| {
+        let tags = &mut self.tags;
+        self.idle.retain(|addr, q| {
+            if tags.get(addr).is_some_and(|&t| !keep(t)) {
+                closed += q.len();
+                q.clear();
+            }
             // Oldest first: stop at the first one still fresh.
             while q
                 .front()
@@ -128,6 +146,9 @@ impl<C: AsRawFd> Pool<C> {
             {
                 q.pop_front();
                 closed += 1;
+            }
+            if q.is_empty() {
+                tags.remove(addr);
             }
             !q.is_empty()
         });
@@ -142,6 +163,7 @@ impl<C: AsRawFd> Pool<C> {
     /// Closes everything (shutdown).
     pub fn clear(&mut self) {
         self.idle.clear();
+        self.tags.clear();
         self.idle_total = 0;
     }
 }
@@ -239,9 +261,15 @@ mod tests {
                 pool.checkin(addr, s, t0);
             }
             assert_eq!(pool.idle_count(), 2, "capped per upstream");
-            pool.sweep(t0 + Duration::from_millis(50));
+            pool.sweep(t0 + Duration::from_millis(50), |_| true);
             assert_eq!(pool.idle_count(), 2);
-            pool.sweep(t0 + Duration::from_millis(150));
+            pool.sweep(t0 + Duration::from_millis(150), |_| true);
+            assert_eq!(pool.idle_count(), 0);
+            // A tag the sweep no longer keeps (a draining endpoint): closed at once.
+            let s = TcpStream::connect_addr(addr).await.unwrap();
+            keep.push(listener.accept().unwrap());
+            pool.checkin_tagged(addr, 7, s, t0);
+            pool.sweep(t0, |tag| tag != 7);
             assert_eq!(pool.idle_count(), 0);
             // Expired at checkout time too.
             let s = TcpStream::connect_addr(addr).await.unwrap();

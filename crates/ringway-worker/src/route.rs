@@ -53,6 +53,18 @@ impl Target {
     }
 }
 
+/// An endpoint as a pool tag (see `Pool::sweep`).
+pub fn endpoint_tag(e: EndpointRef) -> u64 {
+    (u64::from(e.index) << 32) | u64::from(e.generation)
+}
+
+pub fn endpoint_of_tag(tag: u64) -> EndpointRef {
+    EndpointRef {
+        index: (tag >> 32) as u32,
+        generation: tag as u32,
+    }
+}
+
 /// What a choice needs from the worker and the request.
 #[derive(Debug, Clone, Copy)]
 pub struct Chooser<'a> {

@@ -421,7 +421,9 @@ async fn worker_main(spec: WorkerSpec) {
             }
             if now.duration_since(last_sweep) >= POOL_SWEEP {
                 let mut pool = hk.pool.borrow_mut();
-                pool.sweep(now);
+                // Idle connections of draining endpoints close here, within a sweep.
+                let reg = &hk.registry;
+                pool.sweep(now, |tag| reg.pooling(crate::route::endpoint_of_tag(tag)));
                 hk.stats.upstream_idle.set(pool.idle_count() as u64);
                 hk.stats.connections_parked.set(hk.parking.parked() as u64);
                 drop(pool);

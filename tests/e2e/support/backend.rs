@@ -26,6 +26,8 @@ struct State {
     /// Requests answered or swallowed (not health checks).
     requests: AtomicUsize,
     health_checks: AtomicUsize,
+    /// Connections open now (their threads still serving).
+    open: AtomicUsize,
     delay_ms: AtomicU64,
     mode: AtomicUsize,
     unhealthy: AtomicBool,
@@ -112,6 +114,11 @@ impl Backend {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// Connections the proxy holds open to this backend now.
+    pub fn open_connections(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
     pub fn health_checks(&self) -> usize {
         self.state.health_checks.load(Ordering::SeqCst)
     }
@@ -131,18 +138,20 @@ impl Backend {
 }
 
 /// Shuts the connection down when its thread ends (a clone stays in `State::conns`).
-struct Closer(TcpStream);
+struct Closer<'a>(TcpStream, &'a AtomicUsize);
 
-impl Drop for Closer {
+impl Drop for Closer<'_> {
     fn drop(&mut self) {
         let _ = self.0.shutdown(std::net::Shutdown::Both);
+        self.1.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 fn conn(c: TcpStream, st: &State, name: &str, generation: usize) {
     let Ok(mut w) = c.try_clone() else { return };
     let Ok(k) = c.try_clone() else { return };
-    let _closer = Closer(k);
+    st.open.fetch_add(1, Ordering::SeqCst);
+    let _closer = Closer(k, &st.open);
     let mut r = BufReader::new(c);
     loop {
         let mut path = String::new();

@@ -353,7 +353,10 @@ async fn finish<S: ClientIo>(
                 && let Some(addr) = t.upstream()
                 && w.registry.pooling(t.endpoint())
             {
-                w.pool.borrow_mut().checkin(addr, up, Instant::now());
+                let tag = crate::route::endpoint_tag(t.endpoint());
+                w.pool
+                    .borrow_mut()
+                    .checkin_tagged(addr, tag, up, Instant::now());
             }
             if client_open {
                 Next::KeepAlive
