@@ -40,7 +40,7 @@ fn cluster(
             let e = assign_endpoint(slots, reg, &a);
             // Some load and latency, as a running route has.
             reg.begin(1, e);
-            reg.success(0, e, 2, 200 + (i as u64 * 37) % 300);
+            reg.success(0, e, 2, 200 + (i as u64 * 37) % 300, reg.now_ms());
             Member::new(a, e, 1, Default::default())
         })
         .collect();

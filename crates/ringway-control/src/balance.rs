@@ -12,6 +12,7 @@
 //! ejections logged.
 
 use crate::dns::Resolver;
+use crate::metrics::{ControlStats, family};
 use ringway_core::RouteTable;
 use ringway_core::balance::registry::{SLOT_QUARANTINE_MS, assign_endpoint};
 use ringway_core::balance::spec::{AdminState, CheckKind, HealthCheck, UpstreamAddr};
@@ -145,9 +146,6 @@ impl Binder {
             out.default = Some(self.bind_memo(&mut memo, d));
             self.note_named("", d);
         }
-        let used: HashSet<(Box<str>, u16)> =
-            self.named.values().flat_map(|r| names_of(r)).collect();
-        self.names.retain(|k, _| used.contains(k));
         self.previous.clear();
         self.dirty = true;
         out
@@ -291,7 +289,7 @@ impl Binder {
         let Some(res) = self.names.get_mut(&key) else {
             return false;
         };
-        ControlCounter::inc(&self.view.dns_resolutions);
+        ControlStats::inc(&self.view.dns_resolutions);
         match got {
             Some(mut addrs) if !addrs.is_empty() => {
                 addrs.sort();
@@ -306,7 +304,7 @@ impl Binder {
                 false
             }
             _ => {
-                ControlCounter::inc(&self.view.dns_failures);
+                ControlStats::inc(&self.view.dns_failures);
                 res.next_at = Instant::now() + refresh.min(DNS_RETRY);
                 tracing::warn!(
                     name = host,
@@ -368,7 +366,7 @@ impl Binder {
     /// Walks the table: checks started and stopped, draining marked, slots swept.
     fn reconcile(&mut self, table: &RouteTable) {
         self.dirty = false;
-        // Names no route uses any more (incremental removals) stop being resolved.
+        // Names no route uses any more stop being resolved.
         let used_names: HashSet<(Box<str>, u16)> =
             self.named.values().flat_map(|r| names_of(r)).collect();
         self.names.retain(|k, _| used_names.contains(k));
@@ -477,14 +475,6 @@ fn names_of(r: &Route) -> impl Iterator<Item = (Box<str>, u16)> + '_ {
         })
 }
 
-struct ControlCounter;
-
-impl ControlCounter {
-    fn inc(a: &AtomicU64) {
-        a.fetch_add(1, Relaxed);
-    }
-}
-
 /// One endpoint's active check, until aborted: a probe per interval, `rise` passes in a row
 /// mark it up, `fall` failures down.
 async fn check_loop(
@@ -505,7 +495,7 @@ async fn check_loop(
             tokio::time::timeout(timeout, probe(addr, &spec)).await,
             Ok(Ok(true))
         );
-        ControlCounter::inc(&view.health_checks);
+        ControlStats::inc(&view.health_checks);
         if ok {
             passes = passes.saturating_add(1);
             fails = 0;
@@ -840,11 +830,6 @@ fn add_figures(o: &mut EndpointFigures, f: &EndpointFigures) {
 }
 
 use std::fmt::Write as _;
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
 
 fn line(out: &mut String, name: &str, labels: &str, v: u64) {
     if labels.is_empty() {

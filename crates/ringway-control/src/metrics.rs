@@ -197,7 +197,8 @@ impl ControlStats {
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// A metric family's HELP and TYPE lines.
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }

@@ -72,6 +72,32 @@ pub struct Chooser<'a> {
     pub worker: usize,
     pub rand: u64,
     pub seq: u64,
+    /// The registry's clock at the instant the choice is for (no clock read of its own).
+    pub now_ms: u64,
+}
+
+impl Chooser<'_> {
+    /// The question for a cluster: this worker's random bits and clock, the request's key.
+    fn ask<'t>(&self, key: u64, sticky: Option<u64>, tried: &'t [u64]) -> Ask<'t> {
+        Ask {
+            worker: self.worker,
+            now_ms: self.now_ms,
+            rand: self.rand,
+            seq: self.seq,
+            key,
+            sticky,
+            tried,
+        }
+    }
+}
+
+/// How an attempt's response head came back, for [`report_response`].
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub status: u16,
+    pub latency_us: u64,
+    /// When it came, on the registry's clock.
+    pub now_ms: u64,
 }
 
 /// A normalised host kept on the stack for routing and logging.
@@ -146,17 +172,9 @@ pub fn resolve(
             let v = crate::policy::cookie(cookies, s.cookie.as_bytes())?;
             parse_hex_u64(v)
         });
-        let now_ms = ch.registry.now_ms();
+        let now_ms = ch.now_ms;
         c.note_request(ch.worker, now_ms);
-        let ask = Ask {
-            worker: ch.worker,
-            now_ms,
-            rand: ch.rand,
-            seq: ch.seq,
-            key,
-            sticky,
-            tried: &[],
-        };
+        let ask = ch.ask(key, sticky, &[]);
         Target {
             ids: RouteIds {
                 project_id: route.project_id,
@@ -258,7 +276,7 @@ pub fn choose_again(
 fn again(route: &Route, stats: &RouteStats, t: &Target, f: Failed<'_>, ch: &Chooser<'_>) -> Again {
     let c = &route.cluster;
     let reg = ch.registry;
-    let now_ms = reg.now_ms();
+    let now_ms = ch.now_ms;
     let e = t.endpoint();
     if let Some(kind) = f.kind {
         stats.record(
@@ -273,15 +291,7 @@ fn again(route: &Route, stats: &RouteStats, t: &Target, f: Failed<'_>, ch: &Choo
     if !f.retry || f.tried.len() > usize::from(t.retries_max) {
         return Again::Stop { refused: false };
     }
-    let ask = Ask {
-        worker: ch.worker,
-        now_ms,
-        rand: ch.rand,
-        seq: ch.seq,
-        key: t.key,
-        sticky: None,
-        tried: f.tried,
-    };
+    let ask = ch.ask(t.key, None, f.tried);
     // An endpoint at its connection limit is no place for a retry.
     let Ok(next) = c
         .choose(reg, &ask)
@@ -304,16 +314,10 @@ pub fn choose_fresh(
     ch: &Chooser<'_>,
 ) -> Option<Chosen> {
     same_route(table, host, t, |route| {
-        let ask = Ask {
-            worker: ch.worker,
-            now_ms: ch.registry.now_ms(),
-            rand: ch.rand,
-            seq: ch.seq,
-            key: t.key,
-            sticky: None,
-            tried: &[],
-        };
-        route.cluster.choose(ch.registry, &ask).ok()
+        route
+            .cluster
+            .choose(ch.registry, &ch.ask(t.key, None, &[]))
+            .ok()
     })?
 }
 
@@ -322,32 +326,30 @@ pub fn report_response(
     table: &RouteTable,
     host: &HostName,
     target: &Target,
-    status: u16,
-    latency_us: u64,
+    o: Outcome,
     reg: &Registry,
     worker: usize,
 ) {
     let e = target.endpoint();
-    let success = |reg: &Registry| reg.success(worker, e, (status / 100) as u8, latency_us);
-    if status < 500 {
-        success(reg);
+    let success = || reg.success(worker, e, (o.status / 100) as u8, o.latency_us, o.now_ms);
+    if o.status < 500 {
+        success();
         return;
     }
     // A 5xx: whether it counts as a failure is the route's to say (looked up again: only
     // these responses pay for it, and the Target stays small).
     let counted = same_route(table, host, target, |route| {
         let c = &route.cluster;
-        if !c.spec.outlier.failure_statuses.contains(status) {
+        if !c.spec.outlier.failure_statuses.contains(o.status) {
             return false;
         }
-        let now_ms = reg.now_ms();
-        if reg.failure(worker, e, FailKind::Status, &c.spec.outlier, now_ms) {
-            c.eject(reg, e, now_ms);
+        if reg.failure(worker, e, FailKind::Status, &c.spec.outlier, o.now_ms) {
+            c.eject(reg, e, o.now_ms);
         }
         true
     });
     if counted != Some(true) {
-        success(reg);
+        success();
     }
 }
 
@@ -366,9 +368,9 @@ pub fn sticky_cookie(
         };
         out.extend_from_slice(s.cookie.as_bytes());
         out.push(b'=');
-        for shift in (0..16).rev() {
-            out.push(b"0123456789abcdef"[((id >> (shift * 4)) & 0xf) as usize]);
-        }
+        let mut hex = [0u8; 16];
+        ringway_proto::write::hex_into(&id.to_be_bytes(), &mut hex);
+        out.extend_from_slice(&hex);
         out.extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax");
         if let Some(age) = s.max_age_s {
             out.extend_from_slice(b"; Max-Age=");

@@ -133,8 +133,9 @@ impl Worker {
         ((t >> 64) as u64) ^ (t as u64)
     }
 
-    /// What a choice of endpoint needs from this worker (fresh random bits each time).
-    pub fn chooser(&self) -> crate::route::Chooser<'_> {
+    /// What a choice of endpoint at `at` needs from this worker (fresh random bits each
+    /// time).
+    pub fn chooser(&self, at: std::time::Instant) -> crate::route::Chooser<'_> {
         let seq = self.seq.get().wrapping_add(1);
         self.seq.set(seq);
         crate::route::Chooser {
@@ -142,6 +143,7 @@ impl Worker {
             worker: self.id,
             rand: self.random_u64(),
             seq,
+            now_ms: self.registry.ms_at(at),
         }
     }
 

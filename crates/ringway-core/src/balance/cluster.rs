@@ -86,8 +86,6 @@ pub enum Unavailable {
     AllDown,
     /// The request already tried every endpoint it could.
     AllTried,
-    /// Every usable endpoint is at its connection limit on this worker.
-    Saturated,
 }
 
 impl Unavailable {
@@ -96,7 +94,6 @@ impl Unavailable {
             Unavailable::NoEndpoints => "no_endpoint",
             Unavailable::AllDown => "no_healthy_endpoint",
             Unavailable::AllTried => "all_endpoints_tried",
-            Unavailable::Saturated => "endpoint_limit",
         }
     }
 }

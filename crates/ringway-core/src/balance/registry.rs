@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Re
 use std::time::Instant;
 
 use super::spec::Outlier;
+use crate::stats::Counter;
 
 /// Endpoint slots when the configuration does not say (`balancer.endpoints_max`).
 pub const ENDPOINTS_DEFAULT: usize = 16_384;
@@ -122,12 +123,8 @@ pub struct EndpointLoad {
     ewma_us: AtomicU32,
     ewma_at_s: AtomicU32,
     /// Responses by class (1xx..5xx).
-    responses: [AtomicU64; 5],
-    failures: [AtomicU64; FAIL_KINDS],
-}
-
-fn bump64(a: &AtomicU64) {
-    a.store(a.load(Relaxed).wrapping_add(1), Relaxed);
+    responses: [Counter; 5],
+    failures: [Counter; FAIL_KINDS],
 }
 
 impl EndpointLoad {
@@ -138,10 +135,10 @@ impl EndpointLoad {
         self.pending.load(Relaxed)
     }
     pub fn responses(&self, class: usize) -> u64 {
-        self.responses.get(class).map_or(0, |a| a.load(Relaxed))
+        self.responses.get(class).map_or(0, Counter::get)
     }
     pub fn failures(&self, kind: FailKind) -> u64 {
-        self.failures[kind as usize].load(Relaxed)
+        self.failures[kind as usize].get()
     }
     /// Latency EWMA in microseconds, 0 if unknown or stale.
     pub fn ewma_us(&self, now_s: u32) -> u32 {
@@ -185,10 +182,6 @@ impl Registry {
 
     pub fn capacity(&self) -> usize {
         self.health.len()
-    }
-
-    pub fn workers(&self) -> usize {
-        self.loads.len()
     }
 
     /// Milliseconds since the registry was made (the clock every deadline here uses).
@@ -244,14 +237,6 @@ impl Registry {
     pub fn ejected(&self, e: EndpointRef, now_ms: u64) -> bool {
         self.health_of(e)
             .is_some_and(|h| h.ejected_until_ms.load(Relaxed) > now_ms)
-    }
-
-    pub fn checked(&self, e: EndpointRef) -> Checked {
-        match self.health_of(e).map(|h| h.checked.load(Relaxed)) {
-            Some(1) => Checked::Up,
-            Some(2) => Checked::Down,
-            _ => Checked::Unknown,
-        }
     }
 
     /// Slot `index` as /metrics shows it: (takes requests, checked down).
@@ -321,13 +306,14 @@ impl Registry {
     }
 
     /// `e` answered (status class `class`, 1..=5) after `latency_us`: the failure streak ends.
-    pub fn success(&self, worker: usize, e: EndpointRef, class: u8, latency_us: u64) {
+    /// `now_ms`: when the response came (the caller has the instant: no clock read here).
+    pub fn success(&self, worker: usize, e: EndpointRef, class: u8, latency_us: u64, now_ms: u64) {
         if let Some(l) = self.load(worker, e) {
             if let Some(a) = l.responses.get(usize::from(class).wrapping_sub(1)) {
-                bump64(a);
+                a.inc();
             }
             let sample = latency_us.min(u64::from(u32::MAX)) as u32;
-            let now_s = (self.now_ms() / 1000) as u32;
+            let now_s = (now_ms / 1000) as u32;
             let old = l.ewma_us(now_s);
             let new = if old == 0 {
                 sample
@@ -358,11 +344,11 @@ impl Registry {
         now_ms: u64,
     ) -> bool {
         if let Some(l) = self.load(worker, e) {
-            bump64(&l.failures[kind as usize]);
+            l.failures[kind as usize].inc();
             if kind == FailKind::Status
                 && let Some(a) = l.responses.get(4)
             {
-                bump64(a);
+                a.inc();
             }
         }
         if o.consecutive_failures == 0 {
@@ -528,18 +514,6 @@ impl<K: Hash + Eq + Clone> Slots<K> {
         ))
     }
 
-    pub fn key(&self, index: u32) -> Option<&K> {
-        self.slots.get(index as usize)?.key.as_ref()
-    }
-
-    pub fn get(&self, key: &K) -> Option<EndpointRef> {
-        let &i = self.by_key.get(key)?;
-        Some(EndpointRef {
-            index: i,
-            generation: self.slots[i as usize].generation,
-        })
-    }
-
     /// Slots in use, in index order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &K)> {
         self.slots
@@ -622,7 +596,7 @@ mod tests {
         assert!(!reg.failure(0, e, FailKind::Reset, &o, 0));
         assert!(!reg.failure(1, e, FailKind::Reset, &o, 0));
         // A success anywhere ends the streak.
-        reg.success(0, e, 2, 100);
+        reg.success(0, e, 2, 100, 0);
         assert!(!reg.failure(0, e, FailKind::Reset, &o, 0));
         assert!(!reg.failure(0, e, FailKind::Reset, &o, 0));
         assert!(reg.failure(1, e, FailKind::ConnectRefused, &o, 10));
@@ -653,8 +627,8 @@ mod tests {
         assert_eq!(reg.inflight(eps[0]), 3);
         reg.end(1, eps[0]);
         assert_eq!(reg.inflight(eps[0]), 2);
-        reg.success(0, eps[0], 2, 1000);
-        reg.success(0, eps[0], 2, 9000);
+        reg.success(0, eps[0], 2, 1000, 0);
+        reg.success(0, eps[0], 2, 9000, 0);
         let l = reg.load(0, eps[0]).unwrap();
         assert_eq!(l.ewma_us(0), 1000 + (8000 >> 3));
         assert_eq!(l.responses(1), 2);

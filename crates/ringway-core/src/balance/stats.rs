@@ -6,7 +6,7 @@
 //! a load and a store); the scrape sums rows.
 
 use super::registry::{FAIL_KINDS, FailKind};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use crate::stats::Counter;
 
 /// Named route series when the configuration does not say.
 pub const ROUTE_SERIES_DEFAULT: usize = 1_000;
@@ -18,18 +18,14 @@ pub const ROUTE_LATENCY_BUCKETS_MS: [u64; 12] =
 #[repr(align(64))]
 #[derive(Debug, Default)]
 pub struct RouteCounters {
-    classes: [AtomicU64; 5],
-    failures: [AtomicU64; FAIL_KINDS],
-    unavailable: AtomicU64,
-    retries: AtomicU64,
-    retries_refused: AtomicU64,
-    inflight: AtomicU64,
-    latency: [AtomicU64; ROUTE_LATENCY_BUCKETS_MS.len() + 1],
-    latency_sum_us: AtomicU64,
-}
-
-fn add(a: &AtomicU64, n: u64) {
-    a.store(a.load(Relaxed).wrapping_add(n), Relaxed);
+    classes: [Counter; 5],
+    failures: [Counter; FAIL_KINDS],
+    unavailable: Counter,
+    retries: Counter,
+    retries_refused: Counter,
+    inflight: Counter,
+    latency: [Counter; ROUTE_LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_us: Counter,
 }
 
 /// A summed view of one route's counters.
@@ -84,11 +80,6 @@ impl RouteStats {
         }
     }
 
-    /// Named slots (slot 0, the overflow, not counted).
-    pub fn series(&self) -> usize {
-        self.rows.first().map_or(0, |r| r.len().saturating_sub(1))
-    }
-
     #[inline]
     pub fn record(&self, worker: usize, slot: u32, ev: RouteEvent) {
         let Some(c) = self
@@ -101,24 +92,22 @@ impl RouteStats {
         match ev {
             RouteEvent::Response { status, latency_us } => {
                 let class = usize::from(status / 100).clamp(1, 5) - 1;
-                add(&c.classes[class], 1);
+                c.classes[class].inc();
                 let ms = latency_us / 1000;
                 let b = ROUTE_LATENCY_BUCKETS_MS
                     .iter()
                     .position(|&ub| ms < ub)
                     .unwrap_or(ROUTE_LATENCY_BUCKETS_MS.len());
-                add(&c.latency[b], 1);
-                add(&c.latency_sum_us, latency_us);
+                c.latency[b].inc();
+                c.latency_sum_us.add(latency_us);
             }
-            RouteEvent::Failure(k) => add(&c.failures[k as usize], 1),
-            RouteEvent::Unavailable => add(&c.unavailable, 1),
-            RouteEvent::Retry => add(&c.retries, 1),
-            RouteEvent::RetryRefused => add(&c.retries_refused, 1),
-            RouteEvent::Begin => add(&c.inflight, 1),
-            RouteEvent::End => {
-                let v = c.inflight.load(Relaxed).saturating_sub(1);
-                c.inflight.store(v, Relaxed);
-            }
+            RouteEvent::Failure(k) => c.failures[k as usize].inc(),
+            RouteEvent::Unavailable => c.unavailable.inc(),
+            RouteEvent::Retry => c.retries.inc(),
+            RouteEvent::RetryRefused => c.retries_refused.inc(),
+            RouteEvent::Begin => c.inflight.inc(),
+            // Never below zero (a slot cleared while a request was in flight).
+            RouteEvent::End => c.inflight.set(c.inflight.get().saturating_sub(1)),
         }
     }
 
@@ -129,7 +118,7 @@ impl RouteStats {
             let Some(c) = row.get(slot as usize) else {
                 continue;
             };
-            let get = |a: &AtomicU64| a.load(Relaxed);
+            let get = Counter::get;
             for (o, a) in t.classes.iter_mut().zip(&c.classes) {
                 *o += get(a);
             }
@@ -166,7 +155,7 @@ impl RouteStats {
                 .chain(&c.failures)
                 .chain(&c.latency)
                 .chain(singles)
-                .for_each(|a| a.store(0, Relaxed));
+                .for_each(|a| a.set(0));
         }
     }
 }

@@ -97,12 +97,10 @@ pub(super) async fn run<S: ClientIo>(
         return Err(ProxyError::upstream(ErrorKind::ConnectRefused));
     };
     if first.saturated {
+        // On success it chose again: the first attempt goes where it says.
         wait_for_room(w, ex, target).await?;
     }
-    let Ok(first) = target.pick.map(|c| c.id) else {
-        return Err(ProxyError::upstream(ErrorKind::Saturated));
-    };
-    let mut tried = Tried::new(first);
+    let mut tried = Tried::new(target.pick.map_or(first.id, |c| c.id));
     let resendable = req.method.is_idempotent() && req.meta.framing == BodyFraming::None;
     loop {
         // Only the address is held across the attempt (the exchange future's size counts).
@@ -114,17 +112,13 @@ pub(super) async fn run<S: ClientIo>(
         let mut on_pooled = false;
         match attempt(w, c, req, target, ex, bufs, addr, &mut sent, &mut on_pooled).await {
             Ok(up) => {
-                let status = status_of(&bufs.ubuf.buf);
-                let latency_us = started.elapsed().as_micros() as u64;
-                route::report_response(
-                    &w.routes,
-                    &ex.host,
-                    target,
-                    status,
-                    latency_us,
-                    &w.registry,
-                    w.id,
-                );
+                let done = Instant::now();
+                let outcome = route::Outcome {
+                    status: status_of(&bufs.ubuf.buf),
+                    latency_us: done.duration_since(started).as_micros() as u64,
+                    now_ms: w.registry.ms_at(done),
+                };
+                route::report_response(&w.routes, &ex.host, target, outcome, &w.registry, w.id);
                 if let Ok(c) = target.pick
                     && c.set_sticky
                 {
@@ -155,7 +149,7 @@ pub(super) async fn run<S: ClientIo>(
                     &ex.host,
                     target,
                     f,
-                    &w.chooser(),
+                    &w.chooser(Instant::now()),
                 ) {
                     Again::Retry(next) => {
                         w.stats.upstream_retries.inc();
@@ -192,7 +186,7 @@ async fn wait_for_room(w: &Worker, ex: &Exchange, target: &mut Target) -> Result
     let deadline = Instant::now() + w.settings.upstream_connect;
     let got = loop {
         monoio::time::sleep(SATURATED_RECHECK).await;
-        match route::choose_fresh(&w.routes, &ex.host, target, &w.chooser()) {
+        match route::choose_fresh(&w.routes, &ex.host, target, &w.chooser(Instant::now())) {
             Some(c) if !c.saturated => break Some(c),
             _ if Instant::now() >= deadline => break None,
             _ => {}

@@ -54,7 +54,8 @@ pub(super) fn run<S: ClientIo>(
         w.stats.misdirected.inc();
         return Err(Answer::error(421, "misdirected").closing_if(has_body));
     }
-    let chooser = w.chooser();
+    // The choice is for the moment the request began: no clock read of its own.
+    let chooser = w.chooser(ex.started());
     let resolved = route::resolve(
         &w.routes,
         &host,

@@ -112,6 +112,11 @@ impl Exchange {
         }
     }
 
+    /// When the exchange began.
+    pub(super) fn started(&self) -> Instant {
+        self.start
+    }
+
     pub fn request_id(&self) -> &[u8] {
         &self.rid[..self.rid_len]
     }

@@ -102,7 +102,7 @@ fn weighted_round_robin_and_random_follow_weights() {
     within(&counts(&p2c, &fx.reg, 10_000, |_| {}), &w, 0.10);
     // Latencies that differ by noise (1.00, 1.10, 1.05 ms) still leave it to the weights.
     for (m, us) in p2c.members().iter().zip([1_000, 1_100, 1_050]) {
-        fx.reg.success(0, m.endpoint, 2, us);
+        fx.reg.success(0, m.endpoint, 2, us, 1);
     }
     within(&counts(&p2c, &fx.reg, 10_000, |_| {}), &w, 0.10);
 }
@@ -121,7 +121,7 @@ fn least_loaded_strategies_avoid_busy_and_slow_endpoints() {
     let slow = p2c.members()[1].endpoint;
     for m in p2c.members() {
         let lat = if m.endpoint == slow { 21_000 } else { 1_000 };
-        fx.reg.success(0, m.endpoint, 2, lat);
+        fx.reg.success(0, m.endpoint, 2, lat, 1);
     }
     let c = counts(&p2c, &fx.reg, 10_000, |_| {});
     assert!(c[1] < 2_000, "{c:?}");
