@@ -30,6 +30,10 @@ fn routes(backends: &[&Backend], extra: &str) -> String {
     )
 }
 
+/// A pause between one thread's requests: steady load (up to about 1,000 requests/s per
+/// thread) that does not starve the tests running beside it of the 2 cores.
+const LOAD_PAUSE: Duration = Duration::from_millis(1);
+
 /// Steady keep-alive GET traffic from a few threads until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -61,6 +65,7 @@ impl Load {
                     return;
                 };
                 while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(LOAD_PAUSE);
                     let req = format!("GET / HTTP/1.1\r\nHost: app.test\r\n{headers}\r\n");
                     let r = c
                         .try_send(req.as_bytes())

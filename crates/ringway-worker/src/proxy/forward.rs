@@ -89,18 +89,19 @@ pub(super) async fn run<S: ClientIo>(
     bufs: &mut super::Bufs,
     mut sent: Sent<'_>,
 ) -> Result<Timed<TcpStream>, ProxyError> {
-    let Ok(first) = target.pick else {
+    // Plain values only across the wait below (the exchange future's size counts).
+    let Ok((first_id, saturated)) = target.pick.map(|c| (c.id, c.saturated)) else {
         debug_assert!(
             false,
             "prepare answers 503 before forward without an endpoint"
         );
         return Err(ProxyError::upstream(ErrorKind::ConnectRefused));
     };
-    if first.saturated {
+    if saturated {
         // On success it chose again: the first attempt goes where it says.
         wait_for_room(w, ex, target).await?;
     }
-    let mut tried = Tried::new(target.pick.map_or(first.id, |c| c.id));
+    let mut tried = Tried::new(target.pick.map_or(first_id, |c| c.id));
     let resendable = req.method.is_idempotent() && req.meta.framing == BodyFraming::None;
     loop {
         // Only the address is held across the attempt (the exchange future's size counts).
